@@ -1,0 +1,588 @@
+"""AutoAccumOptimizer: turns any stream of batches into optimizer steps of a fixed sample count.
+
+The driver of one step: cut the incoming samples into micro-batches (sizes from the policy), run
+forward and a weighted backward for each, and when a step's samples are all in, normalize the
+accumulated gradient, clip, step the inner optimizer once and zero the gradients. The samples of the
+unfinished step stay referenced on the host, so any part of a step can be replayed after an OOM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch.optim import Optimizer
+
+from . import oom as oom_mod
+from .batching import FlatBatch, flatten_batch
+from .memory import MemoryBackend, default_backend
+from .planner import balanced_split, first_split, state_buffers_per_param
+from .policy import MicroBatchPolicy, OutOfMemoryForOneSample
+
+log = logging.getLogger("autoaccum")
+
+LossFn = Callable[[Any], Any]
+_WRAPPER_KEYWORDS = (
+    "target_batch_size", "micro_batch_size", "memory", "model", "grad_scaler", "max_grad_norm",
+    "shares",
+)
+_NO_BATCH: Any = object()
+
+
+class Plan(NamedTuple):
+    """How steps are cut into micro-batches.
+
+    ``micro_batch_size`` is the current limit (None: no limit, one micro-batch per call).
+    ``micro_batch_sizes`` are the micro-batches of the last finished step (before the first step,
+    the planned split of a full one); ``accumulation_steps`` is their count.
+    """
+
+    micro_batch_size: int | None
+    accumulation_steps: int
+    micro_batch_sizes: tuple[int, ...]
+
+
+class StepOutOfMemoryError(RuntimeError):
+    """The inner optimizer's step ran out of memory; parameters may be partly updated."""
+
+
+@dataclass
+class _Chunk:
+    """Samples of the unfinished step that came from one ``step()`` call."""
+
+    samples: FlatBatch
+    loss_fn: LossFn
+    call: int
+    done: int = 0  # samples whose gradient is in .grad
+    loss_sum: Any = 0.0  # detached, on device: sum of per-sample losses (or of token losses)
+    items: Any = 0  # samples (mean mode) or items (token mode) accumulated
+    sizes: list[int] = field(default_factory=list)
+
+
+class _Oom(NamedTuple):
+    size: int
+    phase: str
+    message: str
+
+
+class AutoAccumOptimizer(Optimizer):
+    """Wraps an optimizer so that each of its steps sees exactly ``target_batch_size`` samples.
+
+    Guarantees:
+        * every sample counts once, in exactly one optimizer step;
+        * each step applies the gradient of the mean loss over exactly ``target_batch_size``
+          samples (``flush()``: over the samples left), or in token mode (``loss_fn`` returns
+          ``(loss_sum, num_items)``) of the summed loss divided by the step's total item count,
+          whatever the loader batch size and however the samples are cut into micro-batches;
+        * no step is applied twice or on partial gradients, also after an out-of-memory error;
+        * bad input raises before anything changes; an error inside ``loss_fn`` leaves the
+          gradients as they were after the last complete ``step()`` call.
+
+    ``param_groups`` and ``state`` are the inner optimizer's: LR schedulers and checkpoints work as
+    with the inner optimizer. Step hooks registered on the wrapper run on each inner step, so
+    ``opt.register_step_post_hook(lambda *_: scheduler.step())`` advances a scheduler exactly once
+    per optimizer step.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer | type[Optimizer],
+        *args: Any,
+        target_batch_size: int,
+        micro_batch_size: int | None = None,
+        memory: MemoryBackend | None = None,
+        model: torch.nn.Module | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
+        shares: str | list[int] = "equal",
+        **kwargs: Any,
+    ) -> None:
+        _check_positive_int("target_batch_size", target_batch_size)
+        if micro_batch_size is not None:
+            _check_positive_int("micro_batch_size", micro_batch_size)
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
+        ):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
+        if memory is not None and not isinstance(memory, MemoryBackend):
+            raise TypeError(
+                f"memory must follow autoaccum.MemoryBackend (free_bytes, allocated_bytes, "
+                f"reset_peak, peak_bytes, release, active), got {type(memory).__name__}"
+            )
+        if shares != "equal":
+            raise NotImplementedError("shares other than 'equal' come with distributed support")
+        inner = _build_inner(optimizer, args, kwargs)
+
+        self.optimizer = inner
+        self.defaults = inner.defaults
+        self.param_groups = inner.param_groups
+        self.state = inner.state
+        # Step hooks are shared: hooks registered on the wrapper fire on each real step.
+        self._optimizer_step_pre_hooks = inner._optimizer_step_pre_hooks
+        self._optimizer_step_post_hooks = inner._optimizer_step_post_hooks
+        self._optimizer_state_dict_pre_hooks = inner._optimizer_state_dict_pre_hooks
+        self._optimizer_state_dict_post_hooks = inner._optimizer_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = inner._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_post_hooks = inner._optimizer_load_state_dict_post_hooks
+        self._zero_grad_profile_name = "Optimizer.zero_grad#AutoAccumOptimizer.zero_grad"
+
+        self.target_batch_size = target_batch_size
+        self.model = model
+        self.grad_scaler = grad_scaler
+        self.max_grad_norm = max_grad_norm
+        self.memory = memory if memory is not None else default_backend(self._device())
+        self.policy = MicroBatchPolicy(
+            target_batch_size, pinned=micro_batch_size, planning=self.memory is not None
+        )
+        self.optimizer_steps = 0
+        self.oom_events = 0
+        self.skipped_steps = 0
+        self.last_grad_norm: torch.Tensor | None = None
+        self._step_size = target_batch_size
+        self._pending: list[_Chunk] = []
+        self._needs_replay = False
+        self._calls = 0
+        self._last_sizes: tuple[int, ...] | None = None
+        self._token_mode: bool | None = None
+        self._loss_fn: LossFn | None = None
+        self._grads_touched = False
+        self._param_device = self._device()
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def plan(self) -> Plan:
+        limit = self.policy.limit
+        sizes = self._last_sizes or tuple(balanced_split(self._step_size, limit))
+        return Plan(limit, len(sizes), sizes)
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples of the unfinished step (already accumulated or waiting for a replay)."""
+        return sum(c.samples.size for c in self._pending)
+
+    def step(self, loss_fn: Any = None, batch: Any = _NO_BATCH) -> Any:  # type: ignore[override]
+        """``step(loss_fn, batch)``: accumulate ``batch``, stepping whenever a step is full.
+
+        Returns the mean loss over ``batch`` as a detached tensor (no host sync).
+        ``step()`` / ``step(closure)`` keep ``torch.optim.Optimizer.step``'s meaning: one step of
+        the inner optimizer on the gradients as they are.
+        """
+        if batch is _NO_BATCH:
+            if self._pending:
+                raise RuntimeError(
+                    f"step() without a batch would apply the gradients of an unfinished step "
+                    f"({self.pending_samples} of {self._step_size} samples); call flush() first"
+                )
+            out = self.optimizer.step(loss_fn)
+            self.optimizer_steps += 1
+            return out
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        flat = flatten_batch(batch)
+        self._loss_fn = loss_fn
+        with self._active():
+            return self._accumulate(loss_fn, flat)
+
+    def flush(self, loss_fn: LossFn | None = None) -> bool:
+        """End of data: one step on the samples accumulated so far, normalized by their count.
+
+        A no-op returning False when nothing is pending. ``loss_fn`` is needed only after
+        ``load_state_dict`` restored pending samples and no ``step()`` call followed.
+        """
+        if not self._pending:
+            return False
+        with self._active():
+            if self._needs_replay:
+                fn = loss_fn or self._loss_fn
+                if fn is None:
+                    raise RuntimeError(
+                        "flush() must replay samples restored by load_state_dict: pass the loss_fn"
+                    )
+                for chunk in self._pending:
+                    chunk.loss_fn = fn
+                self._drain()
+            self._finish_step()
+        return True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus an ``"autoaccum"`` entry: the plan, the counters
+        and the host-side samples of the unfinished step (replayed after loading)."""
+        sd = self.optimizer.state_dict()
+        sd["autoaccum"] = {
+            "version": 1,
+            "target_batch_size": self.target_batch_size,
+            "optimizer_steps": self.optimizer_steps,
+            "oom_events": self.oom_events,
+            "skipped_steps": self.skipped_steps,
+            "token_mode": self._token_mode,
+            "last_sizes": self._last_sizes,
+            "policy": self.policy.state_dict(),
+            "pending": [c.samples.materialize(None) for c in self._pending],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        own = state_dict.pop("autoaccum", None)
+        if own is not None and own["target_batch_size"] != self.target_batch_size:
+            raise ValueError(
+                f"checkpoint was made with target_batch_size={own['target_batch_size']}, this "
+                f"optimizer has {self.target_batch_size}; resuming would change every step"
+            )
+        self.optimizer.load_state_dict(state_dict)
+        if own is None:
+            return
+        self.optimizer_steps = own["optimizer_steps"]
+        self.oom_events = own["oom_events"]
+        self.skipped_steps = own["skipped_steps"]
+        self._token_mode = own["token_mode"]
+        self._last_sizes = tuple(own["last_sizes"]) if own["last_sizes"] else None
+        self.policy.load_state_dict(own["policy"])
+        self._pending = [
+            _Chunk(flatten_batch(b), _replay_needs_loss_fn, call=-1) for b in own["pending"]
+        ]
+        self._needs_replay = bool(self._pending)
+
+    def __repr__(self) -> str:
+        return (
+            f"AutoAccumOptimizer(target_batch_size={self.target_batch_size}, "
+            f"plan={self.plan}, optimizer={self.optimizer!r})"
+        )
+
+    # ---------------------------------------------------------------- the step driver
+    def _device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        raise ValueError("the optimizer has no parameters")
+
+    def _params(self) -> Iterator[torch.Tensor]:
+        for group in self.param_groups:
+            yield from group["params"]
+
+    def _resident(self) -> Iterator[torch.Tensor]:
+        for p in self._params():
+            yield p
+            if p.grad is not None:
+                yield p.grad
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    yield v
+
+    def _active(self) -> contextlib.AbstractContextManager[None]:
+        if self.memory is None:
+            return contextlib.nullcontext()
+        return self.memory.active(self._resident())
+
+    def _accumulate(self, loss_fn: LossFn, flat: FlatBatch) -> torch.Tensor:
+        self._calls += 1
+        call = self._calls
+        self._grads_touched = False
+        first_new = len(self._pending)
+        finished: list[_Chunk] = []
+        try:
+            if self._needs_replay:
+                for chunk in self._pending:
+                    chunk.loss_fn = loss_fn
+                self._drain()
+            offset = 0
+            while offset < flat.size:
+                take = min(flat.size - offset, self._step_size - self.pending_samples)
+                self._pending.append(_Chunk(flat.slice(offset, offset + take), loss_fn, call))
+                offset += take
+                self._drain()
+                if self.pending_samples == self._step_size:
+                    finished.extend(c for c in self._pending if c.call == call)
+                    self._finish_step()
+                    first_new, self._grads_touched = 0, False
+        except BaseException:
+            self._rollback(call, first_new)
+            raise
+        ours = finished + [c for c in self._pending if c.call == call]
+        loss_sum = sum(c.loss_sum for c in ours)
+        items = sum(c.items for c in ours)
+        return torch.as_tensor(loss_sum / items).detach()
+
+    def _rollback(self, call: int, first_new: int) -> None:
+        """Forget this call's samples of the unfinished step and restore the earlier ones'
+        gradients (by replaying them) so the failed call leaves no trace."""
+        del self._pending[first_new:]
+        if not self._grads_touched:
+            return  # no backward ran in this call: .grad is as it was
+        self.optimizer.zero_grad(set_to_none=True)
+        self._restart_step()
+        try:
+            self._drain()
+        except Exception:
+            self._needs_replay = True  # replay again at the next call
+
+    def _restart_step(self) -> None:
+        """Mark every pending sample as not accumulated (after .grad was cleared)."""
+        for chunk in self._pending:
+            chunk.done, chunk.loss_sum, chunk.items, chunk.sizes = 0, 0.0, 0, []
+
+    def _drain(self) -> None:
+        """Run forward and backward for every pending sample whose gradient is not in .grad."""
+        self._needs_replay = False
+        while True:
+            todo = next((c for c in self._pending if c.done < c.samples.size), None)
+            if todo is None:
+                return
+            remaining = todo.samples.size - todo.done
+            size = self._next_size(remaining)
+            last = (
+                todo is self._pending[-1]
+                and size == remaining
+                and self.pending_samples == self._step_size
+            )
+            failure = self._try_micro_step(todo, size, last)
+            if failure is not None:  # out of the except block: the failed frames are gone
+                self._recover(failure)
+
+    def _next_size(self, remaining: int) -> int:
+        if self.policy.probing:
+            free = self.memory.free_bytes() if self.memory is not None else 0
+            size = min(remaining, self.policy.probe_size(free))
+            limit = self.policy.limit
+            return min(size, limit) if limit is not None else size
+        return first_split(remaining, self.policy.limit)
+
+    def _try_micro_step(self, chunk: _Chunk, size: int, last: bool) -> _Oom | None:
+        phase = "forward"
+        probing = self.policy.probing and self.memory is not None
+        try:
+            if probing:
+                assert self.memory is not None
+                self._materialize_grads()
+                baseline = self.memory.allocated_bytes()
+                self.memory.reset_peak()
+            micro = chunk.samples.slice(chunk.done, chunk.done + size).materialize(self._param_device)
+            loss, items, token = self._forward(chunk.loss_fn, micro, size)
+            phase = "backward"
+            self._grads_touched = True
+            with self._sync_context(last):
+                scaled = loss * ((1 if token else size) / self._step_size)
+                if self.grad_scaler is not None:
+                    scaled = self.grad_scaler.scale(scaled)
+                scaled.backward()
+        except BaseException as exc:
+            if not oom_mod.is_oom(exc):
+                raise
+            return _Oom(size, phase, oom_mod.describe(exc))
+        chunk.loss_sum = chunk.loss_sum + (loss.detach() if token else loss.detach() * size)
+        chunk.items = chunk.items + items
+        chunk.done += size
+        chunk.sizes.append(size)
+        if probing:
+            assert self.memory is not None
+            peak = self.memory.peak_bytes() - baseline
+            del micro, loss, scaled
+            self.policy.record_probe(size, peak, self.memory.free_bytes(), self._reserve_bytes())
+        return None
+
+    def _forward(self, loss_fn: LossFn, micro: Any, size: int) -> tuple[torch.Tensor, Any, bool]:
+        """Run ``loss_fn``; return the loss, its item count and whether it is token mode.
+
+        Backward weights make ``.grad`` hold (sum of per-sample or per-item losses) / step size;
+        the step rescales by step size / total items, exactly 1 for full steps in mean mode.
+        """
+        out = loss_fn(micro)
+        token = isinstance(out, tuple) and len(out) == 2
+        loss, items = out if token else (out, size)
+        _check_scalar_loss(loss, "loss_sum" if token else "loss")
+        if token:
+            _check_items(items)
+        self._set_mode(token)
+        return loss, items, token
+
+    def _set_mode(self, token: bool) -> None:
+        if self._token_mode is None:
+            self._token_mode = token
+        elif self._token_mode != token:
+            raise ValueError(
+                "loss_fn switched between returning a mean loss and a (loss_sum, num_items) pair; "
+                "one optimizer needs one mode for every step"
+            )
+
+    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        ddp = self.model
+        if last or ddp is None or not hasattr(ddp, "no_sync"):
+            return contextlib.nullcontext()
+        return ddp.no_sync()
+
+    def _materialize_grads(self) -> None:
+        """Allocate gradients before a probe so its peak counts the same resident bytes as every
+        later micro-batch (adding into a zero gradient gives exactly the gradient)."""
+        for p in self._params():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _reserve_bytes(self) -> int:
+        """Optimizer state the inner optimizer will allocate at its first step."""
+        buffers = state_buffers_per_param(self.optimizer)
+        return sum(
+            buffers * p.numel() * p.element_size()
+            for p in self._params()
+            if p.requires_grad and not self.state.get(p)
+        )
+
+    def _recover(self, failure: _Oom) -> None:
+        self.oom_events += 1
+        oom_mod.release(self.memory)
+        free = self.memory.free_bytes() if self.memory is not None else None
+        free_txt = f"{free / 2**20:.0f} MiB" if free is not None else "unknown"
+        try:
+            new = self.policy.on_oom(failure.size, free, failure.message)
+        except OutOfMemoryForOneSample:
+            raise self._one_sample_error(failure, free) from None
+        log.warning(
+            "out of memory in %s at micro-batch %d (%s free): %s; continuing at %d%s",
+            failure.phase, failure.size, free_txt, failure.message, new,
+            ", replaying the step" if failure.phase == "backward" else "",
+        )
+        if failure.phase == "backward":
+            # .grad holds part of a micro-batch: start the step's accumulation over.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restart_step()
+
+    def _one_sample_error(self, failure: _Oom, free: int | None) -> torch.OutOfMemoryError:
+        model = self.policy.memory_model
+        need = f"about {model.peak(1) / 2**20:.1f} MiB" if model else "more than is free"
+        free_txt = f"{free / 2**20:.1f} MiB" if free is not None else "an unknown amount"
+        return torch.OutOfMemoryError(
+            f"autoaccum: a micro-batch of 1 sample does not fit in {failure.phase}: one sample "
+            f"needs {need} and {free_txt} is free. Remedies: activation checkpointing "
+            f"(torch.utils.checkpoint), bf16 autocast, a smaller model or shorter inputs. "
+            f"Last error: {failure.message}"
+        )
+
+    def _finish_step(self) -> None:
+        """All of the step's samples are in .grad: normalize, clip, step once, zero."""
+        chunks, self._pending = self._pending, []
+        items = sum(c.items for c in chunks)
+        if isinstance(items, torch.Tensor) and not bool(items > 0):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise ValueError(f"the step's num_items sum to {items.item()}; expected > 0")
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        inner = self.optimizer
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(inner)
+        if grads and not (isinstance(items, int) and items == self._step_size):
+            # Partial step (flush) or token mode: .grad holds sum / step size.
+            if isinstance(items, torch.Tensor):
+                factor = self._step_size / items.to(torch.float64)
+            else:
+                factor = self._step_size / items
+            torch._foreach_mul_(grads, factor)
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
+                list(self._params()), self.max_grad_norm
+            )
+        try:
+            if self.grad_scaler is not None:
+                self.grad_scaler.step(inner)
+                if self.grad_scaler.is_enabled():
+                    skipped = sum(v.item() for v in self.grad_scaler._found_inf_per_device(inner).values())
+                    self.skipped_steps += bool(skipped)
+                self.grad_scaler.update()
+            else:
+                inner.step()
+        except BaseException as exc:
+            if not oom_mod.is_oom(exc):
+                raise
+            message = oom_mod.describe(exc)
+        else:
+            message = None
+        if message is not None:
+            self.oom_events += 1
+            raise StepOutOfMemoryError(
+                f"the inner optimizer's step ran out of memory; parameters may be partly updated "
+                f"and the step is not retried: {message}"
+            )
+        self.optimizer_steps += 1
+        self._last_sizes = tuple(s for c in chunks for s in c.sizes)
+        free = self.memory.free_bytes() if self.memory is not None else None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.end_of_step(free, self._reserve_bytes(), had_oom=False)
+
+
+def _replay_needs_loss_fn(_: Any) -> Any:
+    raise RuntimeError("pending samples restored by load_state_dict need a loss_fn to replay")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_scalar_loss(loss: Any, what: str) -> None:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"loss_fn must return a scalar tensor or a (loss_sum, num_items) pair; its {what} is "
+            f"a {type(loss).__name__}"
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn returned a {what} of shape {tuple(loss.shape)}; expected a scalar (reduce "
+            "with .mean(), or return (loss.sum(), num_items) for token-level losses)"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"loss_fn returned a {what} that does not require grad: is the model's output used, "
+            "and is autograd enabled (no torch.no_grad())?"
+        )
+
+
+def _check_items(items: Any) -> None:
+    if isinstance(items, torch.Tensor):
+        if items.numel() != 1:
+            raise ValueError(f"num_items must be a scalar, got shape {tuple(items.shape)}")
+        return  # checked per step, to avoid a host sync per micro-batch
+    if isinstance(items, bool) or not isinstance(items, (int, float)) or items <= 0:
+        raise ValueError(f"num_items must be a positive number, got {items!r}")
+
+
+def _build_inner(
+    optimizer: Optimizer | type[Optimizer], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Optimizer:
+    if isinstance(optimizer, AutoAccumOptimizer):
+        raise TypeError("the optimizer is already an AutoAccumOptimizer; wrap the inner one once")
+    if isinstance(optimizer, Optimizer):
+        if args or kwargs:
+            raise TypeError(
+                f"extra arguments {list(args) + sorted(kwargs)} were given with a built "
+                f"{type(optimizer).__name__}; pass them only with an optimizer class"
+            )
+        return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        try:
+            accepted = inspect.signature(optimizer).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        clash = [k for k in _WRAPPER_KEYWORDS if k in accepted]
+        if clash:
+            raise TypeError(
+                f"{optimizer.__name__} takes its own {clash}, which AutoAccumOptimizer also "
+                "takes; build the optimizer yourself and pass the instance"
+            )
+        return optimizer(*args, **kwargs)
+    raise TypeError(
+        f"expected a torch.optim.Optimizer or an Optimizer class, got {type(optimizer).__name__}"
+    )
+

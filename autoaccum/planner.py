@@ -1,0 +1,169 @@
+"""Pure planning functions: split samples, fit a memory model, choose micro-batch sizes.
+
+Nothing here touches a device or a model: every decision the optimizer makes about sizes is a
+function of numbers, so it can be property-tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def balanced_split(n: int, limit: int | None) -> list[int]:
+    """Cut ``n`` samples into the fewest micro-batches of at most ``limit``, sizes within one.
+
+    ``balanced_split(100, 32) == [25, 25, 25, 25]``: at most two distinct shapes reach the model, so
+    ``torch.compile`` and cuDNN autotuning stay warm. ``limit=None`` means one micro-batch.
+    """
+    if n < 0:
+        raise ValueError(f"cannot split a negative number of samples ({n})")
+    if n == 0:
+        return []
+    if limit is None or limit >= n:
+        return [n]
+    if limit < 1:
+        raise ValueError(f"micro-batch limit must be >= 1, got {limit}")
+    k = -(-n // limit)
+    base, extra = divmod(n, k)
+    return [base + 1] * extra + [base] * (k - extra)
+
+
+def first_split(n: int, limit: int | None) -> int:
+    """The first size of ``balanced_split(n, limit)``; taking it repeatedly yields the same split."""
+    if limit is None or limit >= n:
+        return n
+    return -(-n // -(-n // limit))
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak bytes of one micro-batch of ``b`` samples above the resident baseline:
+    ``fixed_bytes + per_sample_bytes * b``."""
+
+    fixed_bytes: float
+    per_sample_bytes: float
+
+    def peak(self, b: int) -> float:
+        return self.fixed_bytes + self.per_sample_bytes * b
+
+
+def fit_memory_model(probes: Sequence[tuple[int, int]]) -> MemoryModel:
+    """Fit ``peak(b) = fixed + per_sample * b`` to ``(b, peak_bytes_above_baseline)`` probes.
+
+    One probe (or probes of one size) gives ``fixed = 0``: all of its cost is charged per sample,
+    which over-estimates and so errs towards smaller micro-batches. A fit whose slope or intercept
+    comes out negative (noise, allocator rounding) falls back to that same pessimistic model.
+    """
+    if not probes:
+        raise ValueError("need at least one probe to fit a memory model")
+    if any(b < 1 for b, _ in probes):
+        raise ValueError(f"probe sizes must be >= 1, got {[b for b, _ in probes]}")
+    pessimistic = MemoryModel(0.0, max(max(p, 0) / b for b, p in probes))
+    sizes = {b for b, _ in probes}
+    if len(sizes) < 2:
+        return pessimistic
+    n = len(probes)
+    mean_b = sum(b for b, _ in probes) / n
+    mean_p = sum(p for _, p in probes) / n
+    var = sum((b - mean_b) ** 2 for b, _ in probes)
+    cov = sum((b - mean_b) * (p - mean_p) for b, p in probes)
+    slope = cov / var
+    intercept = mean_p - slope * mean_b
+    if slope <= 0 or intercept < 0:
+        return pessimistic
+    return MemoryModel(intercept, slope)
+
+
+def choose_micro_batch(
+    model: MemoryModel, free_bytes: int, reserve_bytes: int, margin: float, cap: int
+) -> int:
+    """The largest ``b`` in ``[1, cap]`` with ``model.peak(b) <= free * (1 - margin) - reserve``.
+
+    ``reserve_bytes`` is memory that will be taken before the next micro-batch runs (optimizer
+    state the inner optimizer has not allocated yet). Returns 1 when even one sample does not fit:
+    the caller finds out by running it.
+    """
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    budget = free_bytes * (1 - margin) - reserve_bytes - model.fixed_bytes
+    if model.per_sample_bytes <= 0:
+        return cap
+    b = math.floor(budget / model.per_sample_bytes)
+    return max(1, min(cap, b))
+
+
+def next_probe_size(first: tuple[int, int] | None, free_bytes: int, cap: int) -> int:
+    """Size of the next probe micro-batch.
+
+    The first probe is small (1/64 of the cap, at least 1). The second takes half of what the
+    first probe's pessimistic model says fits, so it lands near the operating point and the fit
+    extrapolates only a short way; it is always a different size from the first.
+    """
+    if first is None:
+        return max(1, min(cap, cap // 64))
+    b1, p1 = first
+    guess = choose_micro_batch(fit_memory_model([first]), free_bytes, 0, 0.0, cap) // 2
+    b2 = max(1, min(cap, guess))
+    if b2 == b1:
+        b2 = b1 + 1 if b1 < cap else max(1, b1 - 1)
+    return b2
+
+
+def halve(size: int) -> int:
+    """The micro-batch size after an OOM at ``size`` (0 when ``size`` is already 1)."""
+    return size // 2
+
+
+def grow_candidate(current: int, failed: int | None, cap: int) -> int:
+    """The next size to try after a run of clean steps at ``current``.
+
+    Binary search between the current size and the smallest size that failed; without a failure
+    there is nothing to grow back to (the planner already chose the largest size that fits).
+    Returns ``current`` when the search has converged.
+    """
+    if failed is None:
+        return current
+    upper = min(failed, cap + 1)
+    return max(current, (current + upper) // 2)
+
+
+def free_moved(before: int, now: int, tolerance: float) -> bool:
+    """Whether free memory moved by more than ``tolerance`` (a fraction of ``before``)."""
+    return abs(now - before) > tolerance * max(before, 1)
+
+
+# Optimizer-state buffers per parameter, each the size of the parameter. Unknown optimizers are
+# charged two (as Adam), which errs towards smaller micro-batches.
+_STATE_BUFFERS: dict[str, int] = {
+    "Adam": 2,
+    "AdamW": 2,
+    "NAdam": 2,
+    "RAdam": 2,
+    "Adamax": 2,
+    "Adadelta": 2,
+    "Adagrad": 1,
+    "Rprop": 2,
+    "ASGD": 2,
+    "LBFGS": 2,
+    "Adafactor": 1,
+}
+
+
+def state_buffers_per_param(optimizer: torch.optim.Optimizer) -> int:
+    """How many parameter-sized buffers of state ``optimizer`` keeps per parameter."""
+    name = type(optimizer).__name__
+    defaults = optimizer.defaults
+    if name == "SGD":
+        return 1 if defaults.get("momentum", 0) else 0
+    if name == "RMSprop":
+        return 1 + bool(defaults.get("momentum", 0)) + bool(defaults.get("centered", False))
+    buffers = _STATE_BUFFERS.get(name, 2)
+    if defaults.get("amsgrad", False):
+        buffers += 1
+    return buffers
