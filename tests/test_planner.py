@@ -1,0 +1,122 @@
+"""Property tests of the pure planning functions."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from autoaccum import planner
+
+
+@given(st.integers(0, 5000), st.one_of(st.none(), st.integers(1, 600)))
+def test_balanced_split_is_fewest_and_within_one(n, limit):
+    sizes = planner.balanced_split(n, limit)
+    assert sum(sizes) == n
+    if n == 0:
+        assert sizes == []
+        return
+    assert max(sizes) - min(sizes) <= 1
+    if limit is None:
+        assert sizes == [n]
+    else:
+        assert max(sizes) <= limit
+        assert len(sizes) == -(-n // limit)  # no split with fewer micro-batches exists
+
+
+def test_balanced_split_example_from_the_issue():
+    assert planner.balanced_split(100, 32) == [25, 25, 25, 25]
+
+
+@given(st.integers(1, 3000), st.integers(1, 400))
+def test_taking_first_split_repeatedly_gives_the_balanced_split(n, limit):
+    taken, left = [], n
+    while left:
+        taken.append(planner.first_split(left, limit))
+        left -= taken[-1]
+    assert taken == planner.balanced_split(n, limit)
+
+
+@given(
+    st.integers(0, 10**9), st.integers(1, 10**7),
+    st.lists(st.integers(1, 4096), min_size=2, max_size=4),
+)
+def test_fit_recovers_an_exact_line(fixed, per_sample, sizes):
+    probes = [(b, fixed + per_sample * b) for b in sizes]
+    model = planner.fit_memory_model(probes)
+    if len(set(sizes)) < 2:
+        assert model.fixed_bytes == 0
+        assert model.per_sample_bytes >= per_sample
+        return
+    for b in (1, 10, 1000):
+        assert abs(model.peak(b) - (fixed + per_sample * b)) <= 1e-6 * (fixed + per_sample * b) + 2
+
+
+@given(st.lists(st.tuples(st.integers(1, 512), st.integers(0, 10**10)), min_size=1, max_size=5))
+def test_fit_never_under_charges_a_probe(probes):
+    """The model is either the least-squares line or the pessimistic one; the pessimistic one
+    covers every probe."""
+    model = planner.fit_memory_model(probes)
+    assert model.per_sample_bytes >= 0 and model.fixed_bytes >= 0
+    if model.fixed_bytes == 0:
+        assert all(model.peak(b) >= p - 1e-6 * p for b, p in probes)
+
+
+@given(
+    st.floats(0, 1e8), st.floats(1, 1e7), st.integers(0, 10**11), st.integers(0, 10**9),
+    st.floats(0, 0.5), st.integers(1, 10000),
+)
+def test_choice_is_the_largest_that_fits(fixed, per_sample, free, reserve, margin, cap):
+    model = planner.MemoryModel(fixed, per_sample)
+    b = planner.choose_micro_batch(model, free, reserve, margin, cap)
+    budget = free * (1 - margin) - reserve
+    assert 1 <= b <= cap
+    if b > 1:
+        assert model.peak(b) <= budget * (1 + 1e-12)
+    if b < cap:
+        assert model.peak(b + 1) > budget * (1 - 1e-12)
+
+
+@given(st.integers(1, 5000), st.one_of(st.none(), st.integers(2, 6000)), st.integers(1, 5000))
+def test_grow_candidate_stays_between_current_and_failed(current, failed, cap):
+    c = planner.grow_candidate(current, failed, cap)
+    if failed is None:
+        assert c == current
+    else:
+        assert c >= current
+        if failed > current + 1 and cap > current:
+            assert current < c < failed
+        assert c <= max(current, cap)
+
+
+@given(st.integers(1, 10**6))
+def test_halve(size):
+    assert planner.halve(size) == size // 2
+
+
+@given(st.integers(1, 4096), st.integers(1, 10**6), st.integers(0, 10**10))
+def test_second_probe_differs_from_the_first_and_fits_the_cap(cap, peak, free):
+    first = planner.next_probe_size(None, free, cap)
+    assert 1 <= first <= cap
+    second = planner.next_probe_size((first, peak), free, cap)
+    assert 1 <= second <= cap
+    assert second != first or cap == 1
+
+
+def test_state_buffers_per_known_optimizer():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert planner.state_buffers_per_param(torch.optim.AdamW(p)) == 2
+    assert planner.state_buffers_per_param(torch.optim.Adam(p, amsgrad=True)) == 3
+    assert planner.state_buffers_per_param(torch.optim.SGD(p, lr=0.1)) == 0
+    assert planner.state_buffers_per_param(torch.optim.SGD(p, lr=0.1, momentum=0.9)) == 1
+
+    class Custom(torch.optim.SGD):
+        pass
+
+    assert planner.state_buffers_per_param(Custom(p, lr=0.1)) == 2  # unknown: as Adam
+
+
+def test_free_moved():
+    assert not planner.free_moved(1000, 1050, 0.1)
+    assert planner.free_moved(1000, 850, 0.1)
+    assert planner.free_moved(1000, 1200, 0.1)
