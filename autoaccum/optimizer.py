@@ -141,7 +141,10 @@ class AutoAccumOptimizer(Optimizer):
         self.max_grad_norm = max_grad_norm
         self.memory = memory if memory is not None else default_backend(self._device())
         self.policy = MicroBatchPolicy(
-            target_batch_size, pinned=micro_batch_size, planning=self.memory is not None
+            target_batch_size,
+            pinned=micro_batch_size,
+            planning=self.memory is not None,
+            single_pass_saving=max(p.numel() * p.element_size() for p in self._params()),
         )
         self.optimizer_steps = 0
         self.oom_events = 0
@@ -155,6 +158,7 @@ class AutoAccumOptimizer(Optimizer):
         self._token_mode: bool | None = None
         self._loss_fn: LossFn | None = None
         self._grads_touched = False
+        self._step_ooms = 0
         self._param_device = self._device()
 
     # ---------------------------------------------------------------- public API
@@ -303,6 +307,8 @@ class AutoAccumOptimizer(Optimizer):
                 self._drain()
             offset = 0
             while offset < flat.size:
+                if not self._pending:
+                    self._start_step()
                 take = min(flat.size - offset, self._step_size - self.pending_samples)
                 self._pending.append(_Chunk(flat.slice(offset, offset + take), loss_fn, call))
                 offset += take
@@ -318,6 +324,17 @@ class AutoAccumOptimizer(Optimizer):
         loss_sum = sum(c.loss_sum for c in ours)
         items = sum(c.items for c in ours)
         return torch.as_tensor(loss_sum / items).detach()
+
+    def _start_step(self) -> None:
+        """Once per step, before its first micro-batch: let the policy see free memory."""
+        if self.memory is None or self.policy.probing:
+            return
+        missing_grads = sum(
+            p.numel() * p.element_size()
+            for p in self._params()
+            if p.requires_grad and p.grad is None
+        )
+        self.policy.observe_free(self.memory.free_bytes(), self._reserve_bytes() + missing_grads)
 
     def _rollback(self, call: int, first_new: int) -> None:
         """Forget this call's samples of the unfinished step and restore the earlier ones'
@@ -444,6 +461,7 @@ class AutoAccumOptimizer(Optimizer):
 
     def _recover(self, failure: _Oom) -> None:
         self.oom_events += 1
+        self._step_ooms += 1
         oom_mod.release(self.memory)
         free = self.memory.free_bytes() if self.memory is not None else None
         free_txt = f"{free / 2**20:.0f} MiB" if free is not None else "unknown"
@@ -517,9 +535,10 @@ class AutoAccumOptimizer(Optimizer):
             )
         self.optimizer_steps += 1
         self._last_sizes = tuple(s for c in chunks for s in c.sizes)
-        free = self.memory.free_bytes() if self.memory is not None else None
         self.optimizer.zero_grad(set_to_none=True)
-        self.policy.end_of_step(free, self._reserve_bytes(), had_oom=False)
+        free = self.memory.free_bytes() if self.memory is not None else None
+        self.policy.end_of_step(free, had_oom=self._step_ooms > 0)
+        self._step_ooms = 0
 
 
 def _replay_needs_loss_fn(_: Any) -> Any:

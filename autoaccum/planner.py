@@ -79,22 +79,29 @@ def fit_memory_model(probes: Sequence[tuple[int, int]]) -> MemoryModel:
 
 
 def choose_micro_batch(
-    model: MemoryModel, free_bytes: int, reserve_bytes: int, margin: float, cap: int
+    model: MemoryModel,
+    free_bytes: int,
+    reserve_bytes: int,
+    margin: float,
+    cap: int,
+    single_pass_saving: float = 0.0,
 ) -> int:
-    """The largest ``b`` in ``[1, cap]`` with ``model.peak(b) <= free * (1 - margin) - reserve``.
+    """The largest ``b`` in ``[1, cap]`` with ``model.peak(b) <= (free - reserve) * (1 - margin)``.
 
     ``reserve_bytes`` is memory that will be taken before the next micro-batch runs (optimizer
-    state the inner optimizer has not allocated yet). Returns 1 when even one sample does not fit:
-    the caller finds out by running it.
+    state the inner optimizer has not allocated yet). ``single_pass_saving`` is what a step of one
+    micro-batch (``b == cap``) does not need: without earlier micro-batches there is no gradient to
+    add into, so backward allocates no temporary gradient. Returns 1 when even one sample does not
+    fit: the caller finds out by running it.
     """
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     if cap < 1:
         raise ValueError(f"cap must be >= 1, got {cap}")
-    budget = free_bytes * (1 - margin) - reserve_bytes - model.fixed_bytes
-    if model.per_sample_bytes <= 0:
+    budget = (free_bytes - reserve_bytes) * (1 - margin)
+    if model.per_sample_bytes <= 0 or model.peak(cap) - single_pass_saving <= budget:
         return cap
-    b = math.floor(budget / model.per_sample_bytes)
+    b = math.floor((budget - model.fixed_bytes) / model.per_sample_bytes)
     return max(1, min(cap, b))
 
 
@@ -123,14 +130,25 @@ def halve(size: int) -> int:
 def grow_candidate(current: int, failed: int | None, cap: int) -> int:
     """The next size to try after a run of clean steps at ``current``.
 
-    Binary search between the current size and the smallest size that failed; without a failure
-    there is nothing to grow back to (the planner already chose the largest size that fits).
-    Returns ``current`` when the search has converged.
+    Binary search between the current size and the smallest size that failed, over the sizes a
+    balanced split of ``cap`` samples can produce (``ceil(cap / k)``): a limit between two of them
+    would run the same micro-batches as the smaller one and prove nothing. Without a failure there
+    is nothing to grow back to (the planner already chose the largest size that fits). Returns
+    ``current`` when no such size lies strictly between the two.
     """
     if failed is None:
         return current
     upper = min(failed, cap + 1)
-    return max(current, (current + upper) // 2)
+    mid = (current + upper) // 2
+    if mid <= current:
+        return current
+    size = -(-cap // -(-cap // mid))  # the largest achievable size <= mid
+    if size <= current:
+        k = -(-cap // current) - 1  # the most micro-batches whose size still exceeds current
+        if k < 1:
+            return current
+        size = -(-cap // k)
+    return size if size < upper else current
 
 
 def free_moved(before: int, now: int, tolerance: float) -> bool:

@@ -43,6 +43,7 @@ class MicroBatchPolicy:
         margin: fraction of free memory kept unused by the plan.
         grow_after: clean steps before trying a larger size again after an OOM.
         replan_tolerance: fraction by which free memory must move to trigger a re-plan.
+        single_pass_saving: bytes a one-micro-batch step saves (see ``choose_micro_batch``).
     """
 
     def __init__(
@@ -54,8 +55,10 @@ class MicroBatchPolicy:
         margin: float = 0.1,
         grow_after: int = 50,
         replan_tolerance: float = 0.1,
+        single_pass_saving: int = 0,
     ) -> None:
         self.cap = cap
+        self.single_pass_saving = single_pass_saving
         self.pinned = pinned
         self.planning = planning and pinned is None
         self.margin = margin
@@ -86,7 +89,9 @@ class MicroBatchPolicy:
         return MemoryModel(*self._s.model) if self._s.model else None
 
     # -- what the optimizer reports ----------------------------------------------------------
-    def record_probe(self, size: int, peak_above_baseline: int, free_bytes: int, reserve: int) -> None:
+    def record_probe(
+        self, size: int, peak_above_baseline: int, free_bytes: int, reserve: int
+    ) -> None:
         """A probe micro-batch of ``size`` peaked ``peak_above_baseline`` bytes above resident."""
         self._s.probes.append((size, peak_above_baseline))
         if len(self._s.probes) >= 2 or size >= self.cap:
@@ -96,10 +101,13 @@ class MicroBatchPolicy:
         s = self._s
         s.model = (model.fixed_bytes, model.per_sample_bytes)
         s.planned_free = free_bytes - reserve
-        size = planner.choose_micro_batch(model, free_bytes, reserve, self.margin, self.cap)
+        size = planner.choose_micro_batch(
+            model, free_bytes, reserve, self.margin, self.cap, self.single_pass_saving
+        )
         if s.failed is not None and size >= s.failed:
             size = max(1, s.failed - 1)
-        self._set_limit(size, why, free_bytes)
+        # Snap to the size a balanced split of a full step really runs (e.g. 196 -> 171 for 512).
+        self._set_limit(planner.first_split(self.cap, size), why, free_bytes)
 
     def _set_limit(self, size: int, why: str, free_bytes: int | None) -> None:
         old, self._s.limit, self._s.trial = self.limit, size, None
@@ -121,7 +129,8 @@ class MicroBatchPolicy:
             # A grow-back trial failed: go back to the size that was known to work.
             self._set_limit(s.limit, f"grow-back to {size} ran out of memory", free_bytes)
             return s.limit
-        new = planner.halve(size)
+        current = self.limit
+        new = planner.halve(current if current is not None and current >= size else size)
         if new < 1:
             raise OutOfMemoryForOneSample(context)
         if s.model is None and self.planning:
@@ -129,8 +138,21 @@ class MicroBatchPolicy:
         self._set_limit(new, f"out of memory at {size}", free_bytes)
         return new
 
-    def end_of_step(self, free_bytes: int | None, reserve: int, had_oom: bool) -> None:
-        """One optimizer step finished; ``free_bytes`` is read at the same point of every step."""
+    def observe_free(self, free_bytes: int, reserve: int) -> None:
+        """Free memory at the start of a step (``reserve``: what will be allocated before the
+        next micro-batch's peak). Re-plans when it moved by more than the tolerance."""
+        s = self._s
+        model = self.memory_model
+        if model is None or s.planned_free is None or s.trial is not None:
+            return
+        if not planner.free_moved(s.planned_free, free_bytes - reserve, self.replan_tolerance):
+            return
+        if s.failed is not None and s.failed_free is not None and free_bytes > s.failed_free:
+            s.failed = None  # more memory than when it failed: the failed size may fit now
+        self._plan(model, free_bytes, reserve, "free memory moved")
+
+    def end_of_step(self, free_bytes: int | None, had_oom: bool) -> None:
+        """One optimizer step finished; ``free_bytes`` (if known) is read at its end."""
         s = self._s
         if had_oom:
             return
@@ -138,20 +160,10 @@ class MicroBatchPolicy:
             self._s.limit, self._s.trial = s.trial, None
             log.info("micro-batch grew back to %d", s.limit)
         s.clean_steps += 1
-        model = self.memory_model
-        if (
-            model is not None
-            and free_bytes is not None
-            and s.planned_free is not None
-            and planner.free_moved(s.planned_free, free_bytes - reserve, self.replan_tolerance)
-        ):
-            if s.failed is not None and s.failed_free is not None and free_bytes > s.failed_free:
-                s.failed = None  # more memory than when it failed: the failed size may fit now
-            self._plan(model, free_bytes, reserve, "free memory moved")
-            return
         if s.failed is None or s.clean_steps < self.grow_after or s.limit is None:
             return
-        candidate = planner.grow_candidate(s.limit, s.failed, self.pinned or self.cap)
+        ceiling = s.failed if self.pinned is None else min(s.failed, self.pinned + 1)
+        candidate = planner.grow_candidate(s.limit, ceiling, self.cap)
         if candidate == s.limit:  # converged just below the failed size
             rose = free_bytes is not None and s.failed_free is not None and (
                 free_bytes > s.failed_free * (1 + self.replan_tolerance))

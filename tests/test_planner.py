@@ -69,7 +69,7 @@ def test_fit_never_under_charges_a_probe(probes):
 def test_choice_is_the_largest_that_fits(fixed, per_sample, free, reserve, margin, cap):
     model = planner.MemoryModel(fixed, per_sample)
     b = planner.choose_micro_batch(model, free, reserve, margin, cap)
-    budget = free * (1 - margin) - reserve
+    budget = (free - reserve) * (1 - margin)
     assert 1 <= b <= cap
     if b > 1:
         assert model.peak(b) <= budget * (1 + 1e-12)
@@ -78,15 +78,17 @@ def test_choice_is_the_largest_that_fits(fixed, per_sample, free, reserve, margi
 
 
 @given(st.integers(1, 5000), st.one_of(st.none(), st.integers(2, 6000)), st.integers(1, 5000))
-def test_grow_candidate_stays_between_current_and_failed(current, failed, cap):
+def test_grow_candidate_is_an_achievable_size_between_current_and_failed(current, failed, cap):
     c = planner.grow_candidate(current, failed, cap)
-    if failed is None:
-        assert c == current
-    else:
-        assert c >= current
-        if failed > current + 1 and cap > current:
-            assert current < c < failed
-        assert c <= max(current, cap)
+    if c == current:
+        # Converged: no balanced split of cap has a micro-batch size strictly in between.
+        upper = cap + 1 if failed is None else min(failed, cap + 1)
+        if failed is not None:
+            sizes = {-(-cap // k) for k in range(1, cap + 1)}
+            assert not any(current < s < upper for s in sizes)
+        return
+    assert failed is not None and current < c < failed and c <= cap
+    assert max(planner.balanced_split(cap, c)) == c  # a limit of c really runs size c
 
 
 @given(st.integers(1, 10**6))
