@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -18,10 +19,19 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim import Optimizer
 
+from . import distributed
 from . import oom as oom_mod
 from .batching import FlatBatch, flatten_batch
+from .data import ShareSchedule
 from .memory import MemoryBackend, default_backend
-from .planner import balanced_split, first_split, state_buffers_per_param
+from .planner import (
+    balanced_split,
+    check_shares,
+    equal_shares,
+    first_split,
+    proportional_shares,
+    state_buffers_per_param,
+)
 from .policy import MicroBatchPolicy, OutOfMemoryForOneSample
 
 log = logging.getLogger("autoaccum")
@@ -45,6 +55,20 @@ class Plan(NamedTuple):
     micro_batch_size: int | None
     accumulation_steps: int
     micro_batch_sizes: tuple[int, ...]
+
+
+class StepRecord(NamedTuple):
+    """What one optimizer step did (``opt.history``); memory fields are None without a backend."""
+
+    step: int
+    samples: int  # this rank's samples in the step
+    micro_batch_size: int  # largest micro-batch that ran
+    accumulation_steps: int  # micro-batches whose gradients the step used
+    oom_events: int  # OOMs recovered from during the step
+    peak_bytes: int | None  # peak allocated during the step
+    free_bytes: int | None  # free at the end of the step
+    seconds: float  # wall time since the previous step ended (data loading included)
+    samples_per_s: float  # samples / seconds, this rank
 
 
 class StepOutOfMemoryError(RuntimeError):
@@ -118,8 +142,9 @@ class AutoAccumOptimizer(Optimizer):
                 f"memory must follow autoaccum.MemoryBackend (free_bytes, allocated_bytes, "
                 f"reset_peak, peak_bytes, release, active), got {type(memory).__name__}"
             )
-        if shares != "equal":
-            raise NotImplementedError("shares other than 'equal' come with distributed support")
+        dist_ctx = distributed.context()
+        world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx else (1, 0)
+        initial = _initial_shares(shares, target_batch_size, world)
         inner = _build_inner(optimizer, args, kwargs)
 
         self.optimizer = inner
@@ -150,7 +175,20 @@ class AutoAccumOptimizer(Optimizer):
         self.oom_events = 0
         self.skipped_steps = 0
         self.last_grad_norm: torch.Tensor | None = None
-        self._step_size = target_batch_size
+        # Distributed: this rank's share of every step, and how "auto" shares are recomputed.
+        self.share_schedule = ShareSchedule(initial)
+        self.auto_shares = shares == "auto"
+        self.share_interval = 10  # steps between "auto" share updates
+        self.share_lookahead = 8  # steps between an update and its use (data-loader prefetch)
+        self._dist = dist_ctx
+        self._rank = rank
+        self._step_size = initial[rank]
+        self._step_seconds = 0.0
+        self._rates: list[list[float]] = []  # per step: [samples, seconds] per rank
+        self._in_collective = False
+        self._flushed_by_peer = False
+        self.history: list[StepRecord] = []
+        self._last_step_end: float | None = None
         self._pending: list[_Chunk] = []
         self._needs_replay = False
         self._calls = 0
@@ -189,12 +227,16 @@ class AutoAccumOptimizer(Optimizer):
             out = self.optimizer.step(loss_fn)
             self.optimizer_steps += 1
             return out
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        flat = flatten_batch(batch)
-        self._loss_fn = loss_fn
-        with self._active():
-            return self._accumulate(loss_fn, flat)
+        try:
+            if not callable(loss_fn):
+                raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+            flat = flatten_batch(batch)
+            self._loss_fn = loss_fn
+            with self._active():
+                return self._accumulate(loss_fn, flat)
+        except BaseException as exc:
+            self._tell_peers(exc)
+            raise
 
     def flush(self, loss_fn: LossFn | None = None) -> bool:
         """End of data: one step on the samples accumulated so far, normalized by their count.
@@ -202,20 +244,27 @@ class AutoAccumOptimizer(Optimizer):
         A no-op returning False when nothing is pending. ``loss_fn`` is needed only after
         ``load_state_dict`` restored pending samples and no ``step()`` call followed.
         """
-        if not self._pending:
+        if not self._pending and self._dist is None:
             return False
-        with self._active():
-            if self._needs_replay:
-                fn = loss_fn or self._loss_fn
-                if fn is None:
-                    raise RuntimeError(
-                        "flush() must replay samples restored by load_state_dict: pass the loss_fn"
-                    )
-                for chunk in self._pending:
-                    chunk.loss_fn = fn
-                self._drain()
-            self._finish_step()
-        return True
+        if not self._pending and self._flushed_by_peer:
+            # This rank's share of the last, partial step was full, so it joined that step from
+            # step(); the ranks that were short joined it from flush(). It is done.
+            self._flushed_by_peer = False
+            return True
+        try:
+            with self._active():
+                if self._needs_replay:
+                    fn = loss_fn or self._loss_fn
+                    if fn is None:
+                        raise RuntimeError("flush() must replay samples restored by "
+                                           "load_state_dict: pass the loss_fn")
+                    for chunk in self._pending:
+                        chunk.loss_fn = fn
+                    self._drain()
+                return self._finish_step(flush=True)
+        except BaseException as exc:
+            self._tell_peers(exc)
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none)
@@ -326,8 +375,16 @@ class AutoAccumOptimizer(Optimizer):
         return torch.as_tensor(loss_sum / items).detach()
 
     def _start_step(self) -> None:
-        """Once per step, before its first micro-batch: let the policy see free memory."""
-        if self.memory is None or self.policy.probing:
+        """Once per step, before its first micro-batch: this rank's share, free memory."""
+        self._step_size = self.share_schedule.shares_for(self.optimizer_steps)[self._rank]
+        self.policy.cap = self._step_size
+        self._step_seconds = 0.0
+        if self._last_step_end is None:
+            self._last_step_end = time.perf_counter()
+        if self.memory is None:
+            return
+        self.memory.reset_peak()
+        if self.policy.probing:
             return
         missing_grads = sum(
             p.numel() * p.element_size()
@@ -357,9 +414,13 @@ class AutoAccumOptimizer(Optimizer):
     def _drain(self) -> None:
         """Run forward and backward for every pending sample whose gradient is not in .grad."""
         self._needs_replay = False
+        started = time.perf_counter()
         while True:
             todo = next((c for c in self._pending if c.done < c.samples.size), None)
             if todo is None:
+                if self.auto_shares and self._param_device.type == "cuda":
+                    torch.cuda.synchronize(self._param_device)  # time the work, not the queueing
+                self._step_seconds += time.perf_counter() - started
                 return
             remaining = todo.samples.size - todo.done
             size = self._next_size(remaining)
@@ -389,11 +450,13 @@ class AutoAccumOptimizer(Optimizer):
                 self._materialize_grads()
                 baseline = self.memory.allocated_bytes()
                 self.memory.reset_peak()
-            micro = chunk.samples.slice(chunk.done, chunk.done + size).materialize(self._param_device)
-            loss, items, token = self._forward(chunk.loss_fn, micro, size)
-            phase = "backward"
-            self._grads_touched = True
-            with self._sync_context(last):
+            micro = chunk.samples.slice(chunk.done, chunk.done + size)
+            with self._sync_context(last):  # DDP decides in forward whether backward syncs
+                loss, items, token = self._forward(
+                    chunk.loss_fn, micro.materialize(self._param_device), size
+                )
+                phase = "backward"
+                self._grads_touched = True
                 scaled = loss * ((1 if token else size) / self._step_size)
                 if self.grad_scaler is not None:
                     scaled = self.grad_scaler.scale(scaled)
@@ -438,8 +501,12 @@ class AutoAccumOptimizer(Optimizer):
             )
 
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """DDP's own gradient sync runs only on the last micro-batch of a single-process step;
+        in a multi-rank job every micro-batch runs under ``no_sync`` and the step reduces the
+        gradients itself once all ranks agree (a backward OOM can then never strand a peer in
+        DDP's all-reduce)."""
         ddp = self.model
-        if last or ddp is None or not hasattr(ddp, "no_sync"):
+        if (last and self._dist is None) or ddp is None or not hasattr(ddp, "no_sync"):
             return contextlib.nullcontext()
         return ddp.no_sync()
 
@@ -490,24 +557,69 @@ class AutoAccumOptimizer(Optimizer):
             f"Last error: {failure.message}"
         )
 
-    def _finish_step(self) -> None:
-        """All of the step's samples are in .grad: normalize, clip, step once, zero."""
+    def _finish_step(self, flush: bool = False) -> bool:
+        """All of the step's samples are in .grad: agree across ranks, normalize, reduce, clip,
+        step once, zero. Returns False when no rank had a sample (a distributed flush)."""
         chunks, self._pending = self._pending, []
         items = sum(c.items for c in chunks)
-        if isinstance(items, torch.Tensor) and not bool(items > 0):
+        if self._dist is not None:
+            table = self._agree(True, items, sum(c.samples.size for c in chunks), flush=flush)
+            self._flushed_by_peer = not flush and bool(table[:, distributed.FLUSH].any())
+            total: Any = float(table[:, distributed.ITEMS].sum())
+            if total == 0:
+                return False
+        else:
+            total = items
+        if isinstance(total, torch.Tensor) and not bool(total > 0):
             self.optimizer.zero_grad(set_to_none=True)
-            raise ValueError(f"the step's num_items sum to {items.item()}; expected > 0")
+            raise ValueError(f"the step's num_items sum to {total.item()}; expected > 0")
+        if self._dist is not None:
+            self._materialize_grads()  # every rank reduces the same tensors
         grads = [p.grad for p in self._params() if p.grad is not None]
-        inner = self.optimizer
+        # .grad holds (sum of this rank's contributions) / its step size; make it this rank's
+        # part of the global mean (a no-op for a full single-process step in mean mode).
+        if grads and not (isinstance(total, int) and total == self._step_size):
+            if isinstance(total, torch.Tensor):
+                factor: Any = self._step_size / total.to(torch.float64)
+            else:
+                factor = self._step_size / total
+            torch._foreach_mul_(grads, factor)
+        if self._dist is not None:
+            distributed.reduce_gradients(self._dist, grads)
+        self._apply(self.optimizer)
+        self.optimizer_steps += 1
+        self._last_sizes = tuple(s for c in chunks for s in c.sizes)
+        self.optimizer.zero_grad(set_to_none=True)
+        free = self.memory.free_bytes() if self.memory is not None else None
+        self._record(chunks, free)
+        self.policy.end_of_step(free, had_oom=self._step_ooms > 0)
+        self._step_ooms = 0
+        if self._dist is not None:
+            self._update_shares(table)
+        return True
+
+    def _record(self, chunks: list[_Chunk], free: int | None) -> None:
+        now = time.perf_counter()
+        seconds = now - (self._last_step_end or now)
+        self._last_step_end = now
+        samples = sum(c.samples.size for c in chunks)
+        sizes = self._last_sizes or (0,)
+        self.history.append(StepRecord(
+            step=self.optimizer_steps,
+            samples=samples,
+            micro_batch_size=max(sizes),
+            accumulation_steps=len(sizes),
+            oom_events=self._step_ooms,
+            peak_bytes=self.memory.peak_bytes() if self.memory is not None else None,
+            free_bytes=free,
+            seconds=seconds,
+            samples_per_s=samples / seconds if seconds > 0 else float("nan"),
+        ))
+
+    def _apply(self, inner: Optimizer) -> None:
+        """Unscale, clip and step the inner optimizer once; an OOM here is never retried."""
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(inner)
-        if grads and not (isinstance(items, int) and items == self._step_size):
-            # Partial step (flush) or token mode: .grad holds sum / step size.
-            if isinstance(items, torch.Tensor):
-                factor = self._step_size / items.to(torch.float64)
-            else:
-                factor = self._step_size / items
-            torch._foreach_mul_(grads, factor)
         if self.max_grad_norm is not None:
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
                 list(self._params()), self.max_grad_norm
@@ -516,8 +628,8 @@ class AutoAccumOptimizer(Optimizer):
             if self.grad_scaler is not None:
                 self.grad_scaler.step(inner)
                 if self.grad_scaler.is_enabled():
-                    skipped = sum(v.item() for v in self.grad_scaler._found_inf_per_device(inner).values())
-                    self.skipped_steps += bool(skipped)
+                    found = self.grad_scaler._found_inf_per_device(inner).values()
+                    self.skipped_steps += bool(sum(v.item() for v in found))
                 self.grad_scaler.update()
             else:
                 inner.step()
@@ -526,19 +638,88 @@ class AutoAccumOptimizer(Optimizer):
                 raise
             message = oom_mod.describe(exc)
         else:
-            message = None
-        if message is not None:
-            self.oom_events += 1
-            raise StepOutOfMemoryError(
-                f"the inner optimizer's step ran out of memory; parameters may be partly updated "
-                f"and the step is not retried: {message}"
+            return
+        self.oom_events += 1
+        raise StepOutOfMemoryError(
+            f"the inner optimizer's step ran out of memory; parameters may be partly updated "
+            f"and the step is not retried: {message}"
+        )
+
+    # ---------------------------------------------------------------- distributed
+    def _agree(
+        self, ok: bool, items: Any, samples: int, message: str | None = None, flush: bool = False
+    ) -> torch.Tensor:
+        """The step's one small collective: every rank's status, items and speed."""
+        assert self._dist is not None
+        row = [float(ok), items, self._step_seconds, samples, self.policy.limit or samples,
+               float(flush)]
+        self._in_collective = True
+        try:
+            table = distributed.agree(self._dist, row)
+            failed = [r for r in range(self._dist.world_size) if table[r, distributed.OK] == 0]
+            if failed:
+                messages = distributed.report_failure(self._dist, message)
+                if ok:
+                    details = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+                    raise distributed.PeerFailedError(
+                        f"optimizer step {self.optimizer_steps} stopped on every rank because "
+                        f"another rank failed ({details})"
+                    )
+        finally:
+            self._in_collective = False
+        self._flushed_by_peer = False
+        self.history: list[StepRecord] = []
+        self._last_step_end: float | None = None
+        return table
+
+    def _tell_peers(self, exc: BaseException) -> None:
+        """This rank is about to raise: let the others stop at the step's agreement instead of
+        waiting there forever."""
+        if (
+            self._dist is None
+            or self._in_collective
+            or isinstance(exc, distributed.PeerFailedError)
+        ):
+            return
+        message = f"{type(exc).__name__}: {oom_mod.describe(exc)}"
+        with contextlib.suppress(Exception):
+            self._agree(False, 0, 0, message)
+
+    def _update_shares(self, table: torch.Tensor) -> None:
+        """"auto" shares: every ``share_interval`` steps, shares proportional to the measured
+        throughput, identical on every rank (computed from the same gathered table), in force
+        ``share_lookahead`` steps later so data already prefetched stays valid."""
+        if not self.auto_shares:
+            return
+        self._rates.append(table[:, [distributed.SAMPLES, distributed.SECONDS]].tolist())
+        if len(self._rates) < self.share_interval:
+            return
+        window, self._rates = self._rates, []
+        rates = [
+            sum(step[r][0] for step in window) / max(sum(step[r][1] for step in window), 1e-9)
+            for r in range(len(window[0]))
+        ]
+        current = self.share_schedule.shares_for(self.optimizer_steps)
+        new = proportional_shares(self.target_batch_size, rates)
+        if new != list(current):
+            self.share_schedule.set_from(self.optimizer_steps + self.share_lookahead, new)
+            log.info("shares %s -> %s from step %d (throughput %s samples/s)", list(current), new,
+                     self.optimizer_steps + self.share_lookahead,
+                     [round(r, 1) for r in rates])
+
+
+def _initial_shares(shares: Any, target: int, world: int) -> list[int]:
+    if isinstance(shares, str) and shares in ("equal", "auto"):
+        if target < world:
+            raise ValueError(
+                f"target_batch_size={target} is smaller than the {world} ranks of this job; every "
+                "rank needs at least one sample per step"
             )
-        self.optimizer_steps += 1
-        self._last_sizes = tuple(s for c in chunks for s in c.sizes)
-        self.optimizer.zero_grad(set_to_none=True)
-        free = self.memory.free_bytes() if self.memory is not None else None
-        self.policy.end_of_step(free, had_oom=self._step_ooms > 0)
-        self._step_ooms = 0
+        return equal_shares(target, world)
+    if isinstance(shares, (list, tuple)):
+        return check_shares(shares, target, world)
+    raise ValueError(f"shares must be 'equal', 'auto' or a list of per-rank sample counts, "
+                     f"got {shares!r}")
 
 
 def _replay_needs_loss_fn(_: Any) -> Any:

@@ -185,3 +185,44 @@ def state_buffers_per_param(optimizer: torch.optim.Optimizer) -> int:
     if defaults.get("amsgrad", False):
         buffers += 1
     return buffers
+
+
+def equal_shares(target: int, world_size: int) -> list[int]:
+    """``target`` samples over ``world_size`` ranks, the remainder going to the first ranks."""
+    base, extra = divmod(target, world_size)
+    return [base + (r < extra) for r in range(world_size)]
+
+
+def proportional_shares(target: int, rates: Sequence[float], minimum: int = 1) -> list[int]:
+    """Shares proportional to each rank's throughput (samples/s), so all finish together.
+
+    Rounded by largest remainder; each rank keeps at least ``minimum`` samples (it must still run
+    a micro-batch to take part in the step). The result sums to ``target``.
+    """
+    world = len(rates)
+    if world * minimum > target:
+        raise ValueError(f"a target of {target} cannot give {world} ranks {minimum} sample(s) each")
+    if any(not math.isfinite(r) or r <= 0 for r in rates):
+        return equal_shares(target, world)
+    free = target - world * minimum
+    total = sum(rates)
+    ideal = [free * r / total for r in rates]
+    shares = [math.floor(x) for x in ideal]
+    by_remainder = sorted(range(world), key=lambda i: ideal[i] - shares[i], reverse=True)
+    for i in by_remainder[: free - sum(shares)]:
+        shares[i] += 1
+    return [s + minimum for s in shares]
+
+
+def check_shares(shares: Sequence[int], target: int, world_size: int) -> list[int]:
+    """Validate an explicit list of per-rank sample counts."""
+    shares = list(shares)
+    if len(shares) != world_size:
+        raise ValueError(f"shares has {len(shares)} entries for {world_size} ranks: {shares}")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shares):
+        raise ValueError(f"shares must be positive ints (every rank runs at least one sample), "
+                         f"got {shares}")
+    if sum(shares) != target:
+        raise ValueError(f"shares {shares} sum to {sum(shares)}; expected target_batch_size="
+                         f"{target}")
+    return shares

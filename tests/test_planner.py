@@ -122,3 +122,32 @@ def test_free_moved():
     assert not planner.free_moved(1000, 1050, 0.1)
     assert planner.free_moved(1000, 850, 0.1)
     assert planner.free_moved(1000, 1200, 0.1)
+
+
+@given(st.integers(1, 5000), st.integers(1, 8))
+def test_equal_shares_sum_and_differ_by_at_most_one(target, world):
+    shares = planner.equal_shares(target, world)
+    assert sum(shares) == target and len(shares) == world
+    assert max(shares) - min(shares) <= 1 and shares == sorted(shares, reverse=True)
+
+
+@given(st.integers(8, 5000), st.lists(st.floats(0.1, 1000), min_size=1, max_size=8))
+def test_proportional_shares_follow_the_rates(target, rates):
+    if len(rates) > target:
+        return
+    shares = planner.proportional_shares(target, rates)
+    assert sum(shares) == target and min(shares) >= 1
+    free = target - len(rates)
+    for s, r in zip(shares, rates):
+        assert abs((s - 1) - free * r / sum(rates)) < 1.0 + 1e-9  # rounding moves at most one
+
+
+def test_check_shares_names_the_problem():
+    import pytest
+
+    with pytest.raises(ValueError, match="sum to 9; expected target_batch_size=10"):
+        planner.check_shares([4, 5], 10, 2)
+    with pytest.raises(ValueError, match="3 entries for 2 ranks"):
+        planner.check_shares([4, 5, 1], 10, 2)
+    with pytest.raises(ValueError, match="positive ints"):
+        planner.check_shares([10, 0], 10, 2)

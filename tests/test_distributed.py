@@ -1,0 +1,80 @@
+"""Multi-process gloo tests: exactness across unequal shares, OOM on one rank, no hangs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import dist_workers
+from tests.dist_harness import run_ranks
+from tests.helpers import assert_params_close, make_data, reference_params, sgd
+
+
+def check_exact(results, n, target, token):
+    expected = reference_params(make_data(n), target, token, sgd)
+    for rank, (status, value) in sorted(results.items()):
+        assert status == "ok", f"rank {rank} failed:\n{value}"
+        assert_params_close(value["params"], expected)
+    return [v for _, (_, v) in sorted(results.items())]
+
+
+@pytest.mark.parametrize("token", [False, True])
+def test_unequal_shares_match_a_single_process_reference(token):
+    # 3 ranks with shares 3/5/8 and different micro-batch sizes; 52 samples = 3 full steps + 4.
+    n, target = 52, 16
+    results = run_ranks(dist_workers.exactness, 3, [3, 5, 8], [1, 2, 3], token, n, target, {},
+                        False)
+    values = check_exact(results, n, target, token)
+    assert all(v["steps"] == 4 for v in values)
+
+
+def test_ddp_model_with_unequal_shares():
+    n, target = 40, 12
+    results = run_ranks(dist_workers.exactness, 2, [4, 8], [3, 3], False, n, target, {}, True)
+    check_exact(results, n, target, False)
+
+
+def test_oom_on_one_rank_in_forward_and_in_its_last_backward():
+    # Rank 0: forward OOM on its 2nd micro-batch. Rank 1 (micro 4, share 12 -> 3 micro-batches
+    # per step): OOM in the backward of its last micro-batch of the first step, the moment a
+    # DDP-synchronized step would have been all-reducing.
+    n, target = 48, 16
+    faults = {0: {"forward": {2}}, 1: {"backward": {3}}}
+    results = run_ranks(dist_workers.exactness, 2, [4, 12], [2, 4], False, n, target, faults,
+                        True)
+    values = check_exact(results, n, target, False)
+    assert [v["oom_events"] for v in values] == [1, 1]
+
+
+def test_a_rank_that_cannot_fit_one_sample_stops_every_rank():
+    results = run_ranks(dist_workers.cannot_fit_one_sample, 2, timeout=60)
+    assert results[1][0] == "error" and "1 sample does not fit" in results[1][1]
+    assert results[0][0] == "error"
+    assert "PeerFailedError" in results[0][1] and "rank 1" in results[0][1]
+    assert "1 sample does not fit" in results[0][1]
+
+
+def test_auto_shares_move_toward_the_speed_ratio_and_the_sampler_covers_every_sample():
+    steps = 14
+    results = run_ranks(dist_workers.auto_shares, 2, [1.0, 3.0], steps, timeout=120)
+    for rank, (status, value) in results.items():
+        assert status == "ok", f"rank {rank} failed:\n{value}"
+    r0, r1 = results[0][1], results[1][1]
+    assert r0["history"] == r1["history"]  # every rank computed the same shares
+    first, last = r0["history"][0], r0["history"][-1]
+    assert first == [48, 48]
+    # Rank 1 is 3x slower: its share must have moved well toward 96/4 = 24.
+    assert last[1] < 38 and last[0] + last[1] == 96, r0["history"]
+    seen = sorted(r0["seen"] + r1["seen"])
+    assert seen == list(range(96 * steps))  # every sample exactly once, while shares changed
+    assert r0["steps"] == r1["steps"] == steps
+
+
+def test_single_process_shares_validation():
+    model = torch.nn.Linear(2, 2)
+    import autoaccum
+
+    with pytest.raises(ValueError, match="sum to 7; expected target_batch_size=8"):
+        autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=8, shares=[7])
+    with pytest.raises(ValueError, match="shares must be 'equal', 'auto'"):
+        autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=8, shares="fast")
