@@ -1,8 +1,8 @@
 """autoaccum: a fixed effective batch size on any GPU, by planned gradient accumulation."""
 
+from .data import ShareSampler, ShareSchedule
 from .memory import MemoryBackend
 from .optimizer import AutoAccumOptimizer, Plan, StepOutOfMemoryError, StepRecord
-from .data import ShareSampler, ShareSchedule
 from .simulated import SimulatedDevice
 
 __all__ = [
@@ -12,7 +12,7 @@ __all__ = [
     "ShareSampler",
     "ShareSchedule",
     "SimulatedDevice",
-    "StepRecord",
     "StepOutOfMemoryError",
+    "StepRecord",
 ]
 __version__ = "0.1.0"

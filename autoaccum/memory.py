@@ -258,7 +258,7 @@ def _enumerate_nvml(nvml: Any) -> list[_NvmlDevice]:
             pci = _parse_pci(_text(info.busId))
             if pci is None:
                 pci = (int(info.domain), int(info.bus), int(info.device))
-        except (*errors, TypeError, ValueError):
+        except (*errors, TypeError, ValueError):  # type: ignore[misc]
             pci = None
         try:
             current = nvml.nvmlDeviceGetMigMode(handle)[0]
@@ -418,7 +418,7 @@ class CudaMemory:
         self._cuda: _CudaApi = cuda if cuda is not None else _torch_cuda()
         self.index: int = _device_index(device, self._cuda)
         self._nvml_override = nvml
-        self._nvml: Any | None = None
+        self._nvml: Any = None
         self._handle: Any | None = None
         self._resolved = False
         self._warned: set[str] = set()
@@ -555,7 +555,7 @@ def list_gpus(*, nvml: Any | None = None, cuda: _CudaApi | None = None) -> list[
     finally:
         if started:
             with contextlib.suppress(*_nvml_errors(nvml)):
-                nvml.nvmlShutdown()
+                nvml.nvmlShutdown()  # type: ignore[union-attr]
 
 
 def _describe(index: int, cuda: _CudaApi, nvml: Any, devices: list[_NvmlDevice]) -> dict[str, Any]:

@@ -132,7 +132,9 @@ class AutoAccumOptimizer(Optimizer):
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
         ):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+            raise ValueError(
+                f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}"
+            )
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
@@ -184,7 +186,7 @@ class AutoAccumOptimizer(Optimizer):
         self._rank = rank
         self._step_size = initial[rank]
         self._step_seconds = 0.0
-        self._rates: list[list[float]] = []  # per step: [samples, seconds] per rank
+        self._rates: list[list[list[float]]] = []  # per step, per rank: [samples, seconds]
         self._in_collective = False
         self._flushed_by_peer = False
         self.history: list[StepRecord] = []
@@ -285,6 +287,7 @@ class AutoAccumOptimizer(Optimizer):
             "token_mode": self._token_mode,
             "last_sizes": self._last_sizes,
             "policy": self.policy.state_dict(),
+            "shares": self.share_schedule.state_dict(),
             "pending": [c.samples.materialize(None) for c in self._pending],
         }
         return sd
@@ -306,6 +309,7 @@ class AutoAccumOptimizer(Optimizer):
         self._token_mode = own["token_mode"]
         self._last_sizes = tuple(own["last_sizes"]) if own["last_sizes"] else None
         self.policy.load_state_dict(own["policy"])
+        self.share_schedule.load_state_dict(own["shares"])
         self._pending = [
             _Chunk(flatten_batch(b), _replay_needs_loss_fn, call=-1) for b in own["pending"]
         ]
@@ -508,7 +512,7 @@ class AutoAccumOptimizer(Optimizer):
         ddp = self.model
         if (last and self._dist is None) or ddp is None or not hasattr(ddp, "no_sync"):
             return contextlib.nullcontext()
-        return ddp.no_sync()
+        return ddp.no_sync()  # type: ignore[operator]
 
     def _materialize_grads(self) -> None:
         """Allocate gradients before a probe so its peak counts the same resident bytes as every
@@ -667,9 +671,6 @@ class AutoAccumOptimizer(Optimizer):
                     )
         finally:
             self._in_collective = False
-        self._flushed_by_peer = False
-        self.history: list[StepRecord] = []
-        self._last_step_end: float | None = None
         return table
 
     def _tell_peers(self, exc: BaseException) -> None:
@@ -691,7 +692,8 @@ class AutoAccumOptimizer(Optimizer):
         ``share_lookahead`` steps later so data already prefetched stays valid."""
         if not self.auto_shares:
             return
-        self._rates.append(table[:, [distributed.SAMPLES, distributed.SECONDS]].tolist())
+        rows: list[list[float]] = table[:, [distributed.SAMPLES, distributed.SECONDS]].tolist()
+        self._rates.append(rows)
         if len(self._rates) < self.share_interval:
             return
         window, self._rates = self._rates, []
@@ -772,7 +774,7 @@ def _build_inner(
         return optimizer
     if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
         try:
-            accepted = inspect.signature(optimizer).parameters
+            accepted: Any = inspect.signature(optimizer).parameters
         except (TypeError, ValueError):
             accepted = {}
         clash = [k for k in _WRAPPER_KEYWORDS if k in accepted]

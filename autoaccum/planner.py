@@ -33,7 +33,7 @@ def balanced_split(n: int, limit: int | None) -> list[int]:
 
 
 def first_split(n: int, limit: int | None) -> int:
-    """The first size of ``balanced_split(n, limit)``; taking it repeatedly yields the same split."""
+    """The first size of ``balanced_split(n, limit)``; taking it repeatedly yields that split."""
     if limit is None or limit >= n:
         return n
     return -(-n // -(-n // limit))
@@ -114,7 +114,7 @@ def next_probe_size(first: tuple[int, int] | None, free_bytes: int, cap: int) ->
     """
     if first is None:
         return max(1, min(cap, cap // 64))
-    b1, p1 = first
+    b1 = first[0]
     guess = choose_micro_batch(fit_memory_model([first]), free_bytes, 0, 0.0, cap) // 2
     b2 = max(1, min(cap, guess))
     if b2 == b1:

@@ -171,7 +171,8 @@ class MicroBatchPolicy:
                 return
             candidate, s.failed = s.failed, None  # more memory than when it failed: try it again
         s.trial, s.clean_steps = candidate, 0
-        log.info("trying micro-batch %d (grow-back after %d clean steps)", candidate, self.grow_after)
+        log.info("trying micro-batch %d (grow-back after %d clean steps)",
+                 candidate, self.grow_after)
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def test_forward_oom_on_a_later_micro_batch():
 def test_backward_oom_replays_the_step(token):
     # Target 16 from calls of 10 and 22: the step straddles calls, and the OOM hits the backward
     # of the 4th micro-batch, in the second call: the first call's samples must be replayed too.
-    opt, fn = run([10, 22], target=16, micro=4, token=token, backward_at={4})
+    opt, _ = run([10, 22], target=16, micro=4, token=token, backward_at={4})
     assert opt.oom_events == 1 and opt.plan.micro_batch_size == 2
     assert opt.optimizer_steps == 2
 
@@ -107,7 +107,7 @@ def test_oom_at_one_sample_raises_with_remedies():
                                        micro_batch_size=1)
     before = [p.detach().clone() for p in model.parameters()]
     fn = Faults(model, forward_at=range(1, 100))
-    with pytest.raises(torch.OutOfMemoryError, match="1 sample does not fit.*checkpointing"):
+    with pytest.raises(torch.OutOfMemoryError, match=r"1 sample does not fit.*checkpointing"):
         opt.step(fn, make_data(4))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     assert opt.optimizer_steps == 0
@@ -194,7 +194,8 @@ def test_oom_events_are_logged_with_sizes(caplog):
         run([8], target=8, micro=8, forward_at={1})
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1
-    assert "micro-batch 8" in warning[0].getMessage() and "continuing at 4" in warning[0].getMessage()
+    message = warning[0].getMessage()
+    assert "micro-batch 8" in message and "continuing at 4" in message
 
 
 # ------------------------------------------------------------------ on a SimulatedDevice

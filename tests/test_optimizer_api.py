@@ -200,7 +200,7 @@ def test_error_on_a_later_micro_batch_restores_the_gradients():
 
     with pytest.raises(RuntimeError, match="user bug"):
         opt.step(flaky, slice_data(make_data(6, seed=3), 0, 6))
-    params, grads, state = snap
+    _, grads, _ = snap
     for p, g in zip(model.parameters(), grads):
         assert torch.allclose(p.grad, g, rtol=1e-12, atol=1e-15)
     assert opt.pending_samples == 5
@@ -350,7 +350,7 @@ def test_no_host_sync_per_micro_batch(monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    loss = opt.step(mean_loss_fn(model), make_data(20))
+    opt.step(mean_loss_fn(model), make_data(20))
     monkeypatch.undo()
     assert opt.plan.micro_batch_sizes is not None and opt.pending_samples == 20
     assert syncs == []
