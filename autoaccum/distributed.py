@@ -14,7 +14,7 @@ Nothing here runs per micro-batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +52,19 @@ def context(group: dist.ProcessGroup | None = None) -> Context | None:
     else:
         device = torch.device("cpu")
     return Context(dist.get_rank(group), world, device, group)
+
+
+def check_replicated(params: Iterable[torch.Tensor]) -> None:
+    """Refuse sharded (DTensor) parameters: the step reduces whole gradients across ranks, which
+    is right for replicated (DDP-style) parameters only."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):
+        raise NotImplementedError(
+            "AutoAccumOptimizer got sharded (DTensor) parameters, e.g. from FSDP2's fully_shard, "
+            "in a multi-rank job; it reduces whole gradients itself and supports replicated "
+            "parameters (DDP, or a plain module) only. Keep the FSDP2 model on a plain optimizer."
+        )
 
 
 def agree(ctx: Context, row: Sequence[float | torch.Tensor]) -> torch.Tensor:

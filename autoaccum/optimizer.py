@@ -148,6 +148,8 @@ class AutoAccumOptimizer(Optimizer):
         world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx else (1, 0)
         initial = _initial_shares(shares, target_batch_size, world)
         inner = _build_inner(optimizer, args, kwargs)
+        if dist_ctx is not None:
+            distributed.check_replicated(p for g in inner.param_groups for p in g["params"])
 
         self.optimizer = inner
         self.defaults = inner.defaults

@@ -99,3 +99,16 @@ def auto_shares(rank: int, world: int, slowdowns: list[float], steps: int) -> An
         opt.step(lambda b: nn.functional.cross_entropy(model(b[0]), b[1]), (x, y))
     opt.flush()
     return {"seen": seen, "history": [list(h) for h in history], "steps": opt.optimizer_steps}
+
+
+def sharded_parameters_are_refused(rank: int, world: int) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    weight = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+    try:
+        autoaccum.AutoAccumOptimizer(torch.optim.SGD([weight], lr=0.1), target_batch_size=8)
+    except NotImplementedError as exc:
+        return str(exc)
+    return "accepted"

@@ -78,3 +78,10 @@ def test_single_process_shares_validation():
         autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=8, shares=[7])
     with pytest.raises(ValueError, match="shares must be 'equal', 'auto'"):
         autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=8, shares="fast")
+
+
+def test_sharded_fsdp2_style_parameters_are_refused_with_a_clear_error():
+    results = run_ranks(dist_workers.sharded_parameters_are_refused, 2, timeout=60)
+    for rank, (status, value) in results.items():
+        assert status == "ok", f"rank {rank} failed:\n{value}"
+        assert "DTensor" in value and "FSDP2" in value

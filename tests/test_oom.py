@@ -319,3 +319,18 @@ def test_the_found_plan_survives_state_dict():
     opt2.load_state_dict(state)
     assert not opt2.policy.probing
     assert opt2.plan.micro_batch_size == opt.plan.micro_batch_size
+
+
+def test_history_records_each_step_with_its_oom_and_sizes():
+    model = make_model()
+    device = autoaccum.SimulatedDevice(capacity_bytes=2**30)
+    opt = autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=16,
+                                       micro_batch_size=8, memory=device)
+    fn = Faults(model, forward_at={3})  # first micro-batch of the second step
+    for batch in loader(make_data(48), [16, 16, 16]):
+        opt.step(fn, batch)
+    steps = [(h.step, h.samples, h.micro_batch_size, h.accumulation_steps, h.oom_events)
+             for h in opt.history]
+    assert steps == [(1, 16, 8, 2, 0), (2, 16, 4, 4, 1), (3, 16, 4, 4, 0)]
+    assert all(h.peak_bytes and h.free_bytes is not None and h.samples_per_s > 0
+               for h in opt.history)
