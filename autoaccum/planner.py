@@ -108,12 +108,13 @@ def choose_micro_batch(
 def next_probe_size(first: tuple[int, int] | None, free_bytes: int, cap: int) -> int:
     """Size of the next probe micro-batch.
 
-    The first probe is small (1/64 of the cap, at least 1). The second takes half of what the
+    The first probe is small (1/64 of the cap, at least 2 where the cap allows: BatchNorm cannot
+    train on one sample whose feature map is 1x1). The second takes half of what the
     first probe's pessimistic model says fits, so it lands near the operating point and the fit
     extrapolates only a short way; it is always a different size from the first.
     """
     if first is None:
-        return max(1, min(cap, cap // 64))
+        return min(cap, max(2, cap // 64))
     b1 = first[0]
     guess = choose_micro_batch(fit_memory_model([first]), free_bytes, 0, 0.0, cap) // 2
     b2 = max(1, min(cap, guess))
