@@ -8,54 +8,51 @@ Non-tensor leaves go unchanged to every micro-batch. The batch is flattened once
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 
-@dataclass(frozen=True)
 class FlatBatch:
-    """A validated batch: its leaves, its structure and its sample count."""
+    """A validated batch: its leaves, its structure, which leaves are tensors, its sample count."""
 
-    leaves: tuple[Any, ...]
-    spec: pytree.TreeSpec
-    size: int
+    __slots__ = ("leaves", "size", "spec", "tensors")
+
+    def __init__(
+        self, leaves: list[Any], spec: pytree.TreeSpec, tensors: tuple[int, ...], size: int
+    ) -> None:
+        self.leaves, self.spec, self.tensors, self.size = leaves, spec, tensors, size
 
     def slice(self, start: int, stop: int) -> FlatBatch:
         """Samples ``[start, stop)`` as views of the same host memory (no copy)."""
-        leaves = tuple(
-            leaf[start:stop] if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves
-        )
-        return FlatBatch(leaves, self.spec, stop - start)
+        leaves = list(self.leaves)
+        for i in self.tensors:
+            leaves[i] = leaves[i][start:stop]
+        return FlatBatch(leaves, self.spec, self.tensors, stop - start)
 
-    def materialize(self, device: torch.device | None) -> Any:
-        """The batch as the user's structure, its tensors on ``device`` (None: where they are).
+    def micro(self, start: int, stop: int, device: torch.device) -> Any:
+        """Samples ``[start, stop)`` in the user's structure, tensors moved to ``device``.
 
         CPU tensors bound for CUDA are pinned and copied with ``non_blocking=True`` so the copy
         overlaps with compute; the caching host allocator keeps the pinned buffer alive until the
         copy has run.
         """
-        if device is None:
-            return pytree.tree_unflatten(list(self.leaves), self.spec)
-        return pytree.tree_unflatten([_to_device(x, device) for x in self.leaves], self.spec)
+        leaves = list(self.leaves)
+        for i in self.tensors:
+            t = leaves[i][start:stop]
+            leaves[i] = t if t.device == device else _to_device(t, device)
+        return pytree.tree_unflatten(leaves, self.spec)
 
-    def cat(self, other: FlatBatch) -> FlatBatch:
-        """This batch followed by ``other`` (same structure), copying the tensor leaves."""
-        leaves = tuple(
-            torch.cat([a, b]) if isinstance(a, torch.Tensor) else a
-            for a, b in zip(self.leaves, other.leaves)
-        )
-        return FlatBatch(leaves, self.spec, self.size + other.size)
+    def unflatten(self) -> Any:
+        """The batch in the user's structure, where it is (e.g. for a checkpoint)."""
+        return pytree.tree_unflatten(list(self.leaves), self.spec)
 
 
-def _to_device(leaf: Any, device: torch.device) -> Any:
-    if not isinstance(leaf, torch.Tensor) or leaf.device == device:
-        return leaf
-    if device.type == "cuda" and leaf.device.type == "cpu":
-        return leaf.pin_memory().to(device, non_blocking=True)
-    return leaf.to(device)
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def flatten_batch(batch: Any) -> FlatBatch:
@@ -66,6 +63,24 @@ def flatten_batch(batch: Any) -> FlatBatch:
         ValueError: a tensor leaf has no dim 0, leaves disagree on dim 0, or the batch is empty.
     """
     leaves, spec = pytree.tree_flatten(batch)
+    tensors = tuple(i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor))
+    if not tensors:
+        raise TypeError(
+            f"the batch holds no tensor (got {type(batch).__name__} with leaves of types "
+            f"{sorted({type(x).__name__ for x in leaves})}); expected a tensor or a nested "
+            "tuple/list/dict/namedtuple of tensors whose dim 0 indexes samples"
+        )
+    first = leaves[tensors[0]]
+    size = first.shape[0] if first.dim() else -1
+    if any(leaves[i].dim() == 0 or leaves[i].shape[0] != size for i in tensors):
+        _raise_shape_error(batch)
+    if size == 0:
+        raise ValueError("the batch is empty (dim 0 is 0); pass at least one sample")
+    return FlatBatch(leaves, spec, tensors, size)
+
+
+def _raise_shape_error(batch: Any) -> None:
+    """The error path: name every tensor leaf by its path in the batch."""
     sizes: dict[str, int] = {}
     for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
         if isinstance(leaf, torch.Tensor):
@@ -76,20 +91,8 @@ def flatten_batch(batch: Any) -> FlatBatch:
                     "samples (wrap scalars in a Python number to pass them to every micro-batch)"
                 )
             sizes[name] = leaf.shape[0]
-    if not sizes:
-        raise TypeError(
-            f"the batch holds no tensor (got {type(batch).__name__} with leaves of types "
-            f"{sorted({type(x).__name__ for x in leaves})}); expected a tensor or a nested "
-            "tuple/list/dict/namedtuple of tensors whose dim 0 indexes samples"
-        )
-    distinct = set(sizes.values())
-    if len(distinct) > 1:
-        shown = ", ".join(f"{k}: {v}" for k, v in sizes.items())
-        raise ValueError(
-            f"tensors in the batch disagree on dim 0 (the sample count): {shown}; "
-            "every tensor leaf must hold the same number of samples"
-        )
-    (size,) = distinct
-    if size == 0:
-        raise ValueError("the batch is empty (dim 0 is 0); pass at least one sample")
-    return FlatBatch(tuple(leaves), spec, size)
+    shown = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+    raise ValueError(
+        f"tensors in the batch disagree on dim 0 (the sample count): {shown}; "
+        "every tensor leaf must hold the same number of samples"
+    )

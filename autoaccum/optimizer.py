@@ -83,9 +83,15 @@ class _Chunk:
     loss_fn: LossFn
     call: int
     done: int = 0  # samples whose gradient is in .grad
-    loss_sum: Any = 0.0  # detached, on device: sum of per-sample losses (or of token losses)
-    items: Any = 0  # samples (mean mode) or items (token mode) accumulated
+    # Per micro-batch whose gradient is in .grad: its detached loss (mean or token sum), its item
+    # count (samples, or num_items in token mode) and its size. Combined once per call or step,
+    # never per micro-batch.
+    losses: list[torch.Tensor] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
+
+    def restart(self) -> None:
+        self.done, self.losses, self.items, self.sizes = 0, [], [], []
 
 
 class _Oom(NamedTuple):
@@ -194,6 +200,8 @@ class AutoAccumOptimizer(Optimizer):
         self.history: list[StepRecord] = []
         self._last_step_end: float | None = None
         self._pending: list[_Chunk] = []
+        self._pending_count = 0  # samples in _pending
+        self._cursor = 0  # index of the first pending chunk not fully accumulated
         self._needs_replay = False
         self._calls = 0
         self._last_sizes: tuple[int, ...] | None = None
@@ -213,7 +221,7 @@ class AutoAccumOptimizer(Optimizer):
     @property
     def pending_samples(self) -> int:
         """Samples of the unfinished step (already accumulated or waiting for a replay)."""
-        return sum(c.samples.size for c in self._pending)
+        return self._pending_count
 
     def step(self, loss_fn: Any = None, batch: Any = _NO_BATCH) -> Any:  # type: ignore[override]
         """``step(loss_fn, batch)``: accumulate ``batch``, stepping whenever a step is full.
@@ -290,7 +298,7 @@ class AutoAccumOptimizer(Optimizer):
             "last_sizes": self._last_sizes,
             "policy": self.policy.state_dict(),
             "shares": self.share_schedule.state_dict(),
-            "pending": [c.samples.materialize(None) for c in self._pending],
+            "pending": [c.samples.unflatten() for c in self._pending],
         }
         return sd
 
@@ -315,6 +323,8 @@ class AutoAccumOptimizer(Optimizer):
         self._pending = [
             _Chunk(flatten_batch(b), _replay_needs_loss_fn, call=-1) for b in own["pending"]
         ]
+        self._pending_count = sum(c.samples.size for c in self._pending)
+        self._cursor = 0
         self._needs_replay = bool(self._pending)
 
     def __repr__(self) -> str:
@@ -364,11 +374,12 @@ class AutoAccumOptimizer(Optimizer):
             while offset < flat.size:
                 if not self._pending:
                     self._start_step()
-                take = min(flat.size - offset, self._step_size - self.pending_samples)
+                take = min(flat.size - offset, self._step_size - self._pending_count)
                 self._pending.append(_Chunk(flat.slice(offset, offset + take), loss_fn, call))
+                self._pending_count += take
                 offset += take
                 self._drain()
-                if self.pending_samples == self._step_size:
+                if self._pending_count == self._step_size:
                     finished.extend(c for c in self._pending if c.call == call)
                     self._finish_step()
                     first_new, self._grads_touched = 0, False
@@ -376,9 +387,11 @@ class AutoAccumOptimizer(Optimizer):
             self._rollback(call, first_new)
             raise
         ours = finished + [c for c in self._pending if c.call == call]
-        loss_sum = sum(c.loss_sum for c in ours)
-        items = sum(c.items for c in ours)
-        return torch.as_tensor(loss_sum / items).detach()
+        losses: Any = [x for c in ours for x in c.losses]
+        if not self._token_mode:  # weight each micro-batch's mean by its size
+            losses = torch._foreach_mul(losses, [float(s) for c in ours for s in c.sizes])
+        items = sum(x for c in ours for x in c.items)
+        return torch.stack(losses).sum() / items
 
     def _start_step(self) -> None:
         """Once per step, before its first micro-batch: this rank's share, free memory."""
@@ -403,6 +416,8 @@ class AutoAccumOptimizer(Optimizer):
         """Forget this call's samples of the unfinished step and restore the earlier ones'
         gradients (by replaying them) so the failed call leaves no trace."""
         del self._pending[first_new:]
+        self._pending_count = sum(c.samples.size for c in self._pending)
+        self._cursor = min(self._cursor, len(self._pending))
         if not self._grads_touched:
             return  # no backward ran in this call: .grad is as it was
         self.optimizer.zero_grad(set_to_none=True)
@@ -415,25 +430,31 @@ class AutoAccumOptimizer(Optimizer):
     def _restart_step(self) -> None:
         """Mark every pending sample as not accumulated (after .grad was cleared)."""
         for chunk in self._pending:
-            chunk.done, chunk.loss_sum, chunk.items, chunk.sizes = 0, 0.0, 0, []
+            chunk.restart()
+        self._cursor = 0
 
     def _drain(self) -> None:
         """Run forward and backward for every pending sample whose gradient is not in .grad."""
         self._needs_replay = False
         started = time.perf_counter()
+        pending = self._pending
         while True:
-            todo = next((c for c in self._pending if c.done < c.samples.size), None)
-            if todo is None:
+            while self._cursor < len(pending) and (
+                pending[self._cursor].done == pending[self._cursor].samples.size
+            ):
+                self._cursor += 1
+            if self._cursor == len(pending):
                 if self.auto_shares and self._param_device.type == "cuda":
                     torch.cuda.synchronize(self._param_device)  # time the work, not the queueing
                 self._step_seconds += time.perf_counter() - started
                 return
+            todo = pending[self._cursor]
             remaining = todo.samples.size - todo.done
             size = self._next_size(remaining)
             last = (
-                todo is self._pending[-1]
+                self._cursor == len(pending) - 1
                 and size == remaining
-                and self.pending_samples == self._step_size
+                and self._pending_count == self._step_size
             )
             failure = self._try_micro_step(todo, size, last)
             if failure is not None:  # out of the except block: the failed frames are gone
@@ -456,11 +477,9 @@ class AutoAccumOptimizer(Optimizer):
                 self._materialize_grads()
                 baseline = self.memory.allocated_bytes()
                 self.memory.reset_peak()
-            micro = chunk.samples.slice(chunk.done, chunk.done + size)
+            micro = chunk.samples.micro(chunk.done, chunk.done + size, self._param_device)
             with self._sync_context(last):  # DDP decides in forward whether backward syncs
-                loss, items, token = self._forward(
-                    chunk.loss_fn, micro.materialize(self._param_device), size
-                )
+                loss, items, token = self._forward(chunk.loss_fn, micro, size)
                 phase = "backward"
                 self._grads_touched = True
                 scaled = loss * ((1 if token else size) / self._step_size)
@@ -471,8 +490,8 @@ class AutoAccumOptimizer(Optimizer):
             if not oom_mod.is_oom(exc):
                 raise
             return _Oom(size, phase, oom_mod.describe(exc))
-        chunk.loss_sum = chunk.loss_sum + (loss.detach() if token else loss.detach() * size)
-        chunk.items = chunk.items + items
+        chunk.losses.append(loss.detach())
+        chunk.items.append(items)
         chunk.done += size
         chunk.sizes.append(size)
         if probing:
@@ -567,7 +586,8 @@ class AutoAccumOptimizer(Optimizer):
         """All of the step's samples are in .grad: agree across ranks, normalize, reduce, clip,
         step once, zero. Returns False when no rank had a sample (a distributed flush)."""
         chunks, self._pending = self._pending, []
-        items = sum(c.items for c in chunks)
+        self._pending_count, self._cursor = 0, 0
+        items = sum(x for c in chunks for x in c.items)
         if self._dist is not None:
             table = self._agree(True, items, sum(c.samples.size for c in chunks), flush=flush)
             self._flushed_by_peer = not flush and bool(table[:, distributed.FLUSH].any())
@@ -586,7 +606,7 @@ class AutoAccumOptimizer(Optimizer):
         # part of the global mean (a no-op for a full single-process step in mean mode).
         if grads and not (isinstance(total, int) and total == self._step_size):
             if isinstance(total, torch.Tensor):
-                factor: Any = self._step_size / total.to(torch.float64)
+                factor: Any = (self._step_size / total.to(torch.float64)).to(grads[0].dtype)
             else:
                 factor = self._step_size / total
             torch._foreach_mul_(grads, factor)
