@@ -3,6 +3,7 @@
 from .data import ShareSampler, ShareSchedule
 from .memory import MemoryBackend
 from .optimizer import AutoAccumOptimizer, Plan, StepOutOfMemoryError, StepRecord
+from .report import plot_history
 from .simulated import SimulatedDevice
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "SimulatedDevice",
     "StepOutOfMemoryError",
     "StepRecord",
+    "plot_history",
 ]
 __version__ = "0.1.0"

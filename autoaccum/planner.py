@@ -152,6 +152,16 @@ def grow_candidate(current: int, failed: int | None, cap: int) -> int:
     return size if size < upper else current
 
 
+def achievable_at_least(size: int, cap: int) -> int:
+    """The smallest micro-batch size a balanced split of ``cap`` runs that is ``>= size``."""
+    if size <= 1:
+        return 1
+    if size >= cap:
+        return cap
+    k = -(-cap // (size - 1)) - 1  # the most micro-batches whose size is still >= size
+    return -(-cap // k)
+
+
 def free_moved(before: int, now: int, tolerance: float) -> bool:
     """Whether free memory moved by more than ``tolerance`` (a fraction of ``before``)."""
     return abs(now - before) > tolerance * max(before, 1)

@@ -147,7 +147,7 @@ class MicroBatchPolicy:
             return
         if not planner.free_moved(s.planned_free, free_bytes - reserve, self.replan_tolerance):
             return
-        if s.failed is not None and s.failed_free is not None and free_bytes > s.failed_free:
+        if self._rose_since_failure(free_bytes):
             s.failed = None  # more memory than when it failed: the failed size may fit now
         self._plan(model, free_bytes, reserve, "free memory moved")
 
@@ -165,14 +165,22 @@ class MicroBatchPolicy:
         ceiling = s.failed if self.pinned is None else min(s.failed, self.pinned + 1)
         candidate = planner.grow_candidate(s.limit, ceiling, self.cap)
         if candidate == s.limit:  # converged just below the failed size
-            rose = free_bytes is not None and s.failed_free is not None and (
-                free_bytes > s.failed_free * (1 + self.replan_tolerance))
-            if not rose:
+            if not self._rose_since_failure(free_bytes):
                 return
-            candidate, s.failed = s.failed, None  # more memory than when it failed: try it again
+            # More memory than when it failed: try the smallest size a step runs that is not
+            # smaller than the failed one (a limit of 341 runs 256s for a step of 1024; 342 runs).
+            candidate = planner.achievable_at_least(s.failed, self.cap)
+            s.failed = None
         s.trial, s.clean_steps = candidate, 0
         log.info("trying micro-batch %d (grow-back after %d clean steps)",
                  candidate, self.grow_after)
+
+    def _rose_since_failure(self, free_bytes: int | None) -> bool:
+        s = self._s
+        return (
+            s.failed is not None and s.failed_free is not None and free_bytes is not None
+            and free_bytes > s.failed_free * (1 + self.replan_tolerance)
+        )
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

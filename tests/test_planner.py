@@ -151,3 +151,12 @@ def test_check_shares_names_the_problem():
         planner.check_shares([4, 5, 1], 10, 2)
     with pytest.raises(ValueError, match="positive ints"):
         planner.check_shares([10, 0], 10, 2)
+
+
+@given(st.integers(1, 3000), st.integers(1, 3000))
+def test_achievable_at_least_is_the_smallest_run_size_not_below(size, cap):
+    a = planner.achievable_at_least(size, cap)
+    runs = {-(-cap // k) for k in range(1, cap + 1)}
+    assert a in runs
+    assert a >= min(size, cap)
+    assert not any(min(size, cap) <= r < a for r in runs)

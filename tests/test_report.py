@@ -1,0 +1,135 @@
+"""plot_history: writes a readable PNG from an optimizer or its history, and labels size changes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import autoaccum
+from autoaccum.optimizer import StepRecord
+from autoaccum.report import _size_changes, _squeezed_spans, plot_history
+
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def record(step: int, size: int, *, samples: int = 1024, oom: int = 0, memory: bool = True,
+           rate: float = 1000.0) -> StepRecord:
+    return StepRecord(
+        step=step,
+        samples=samples,
+        micro_batch_size=size,
+        accumulation_steps=-(-samples // size),
+        oom_events=oom,
+        peak_bytes=(1 << 20) + size * 4096 if memory else None,
+        free_bytes=(2 << 20) if memory else None,
+        seconds=samples / rate,
+        samples_per_s=rate,
+    )
+
+
+def squeeze_history(memory: bool = True) -> list[StepRecord]:
+    """342 until an OOM in step 5 halves it to 171 from step 6; back at 342 from step 10."""
+    sizes = [342] * 5 + [171] * 4 + [342] * 3
+    return [
+        record(i + 1, s, oom=int(i + 1 == 5), memory=memory, rate=900.0 if s == 171 else 1200.0)
+        for i, s in enumerate(sizes)
+    ]
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.is_file()
+    assert path.stat().st_size > 20_000  # three panels with lines and text, not a blank canvas
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    pixels = matplotlib.image.imread(path)
+    height, width = pixels.shape[:2]
+    assert height > 500 and width > 800
+    assert pixels.std() > 0.05  # not a uniform image
+
+
+def test_writes_png_from_history(tmp_path: Path) -> None:
+    out = plot_history(squeeze_history(), tmp_path / "h.png", title="a squeeze")
+    assert out == tmp_path / "h.png"
+    assert_png(out)
+
+
+def test_accepts_the_optimizer_and_a_str_path(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = autoaccum.AutoAccumOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), target_batch_size=8, micro_batch_size=4
+    )
+    x, y = torch.randn(24, 4), torch.randn(24, 2)
+    opt.step(lambda b: nn.functional.mse_loss(model(b[0]), b[1]), (x, y))
+    assert len(opt.history) == 3
+    out = plot_history(opt, os.fspath(tmp_path / "opt.png"))
+    assert isinstance(out, Path)
+    assert_png(out)
+
+
+def test_without_memory_fields(tmp_path: Path) -> None:
+    out = plot_history(squeeze_history(memory=False), tmp_path / "nomem.png")
+    assert_png(out)
+
+
+def test_single_step_and_partial_memory(tmp_path: Path) -> None:
+    assert_png(plot_history([record(1, 64)], tmp_path / "one.png"))
+    mixed = [record(1, 64), record(2, 64, memory=False)]
+    assert_png(plot_history(mixed, tmp_path / "mixed.png"))
+
+
+def test_empty_history_raises_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="empty history"):
+        plot_history([], tmp_path / "empty.png")
+    opt = autoaccum.AutoAccumOptimizer(
+        torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1), target_batch_size=4
+    )
+    with pytest.raises(ValueError, match="no optimizer step"):
+        plot_history(opt, tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
+
+
+def test_wrong_input_raises_type_error(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="StepRecord"):
+        plot_history([(1, 2, 3)], tmp_path / "bad.png")  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="got int"):
+        plot_history(3, tmp_path / "bad.png")  # type: ignore[arg-type]
+
+
+def test_missing_matplotlib_names_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.raises(ImportError, match=r"pip install matplotlib.*autoaccum\[plot\]"):
+        plot_history(squeeze_history(), tmp_path / "h.png")
+
+
+def test_labels_halving_and_grow_back() -> None:
+    changes = _size_changes(squeeze_history())
+    assert [(c.step, c.old, c.new, c.label) for c in changes] == [
+        (6, 342, 171, "halved"),
+        (10, 171, 342, "grew back"),
+    ]
+    assert _squeezed_spans(squeeze_history()) == [(6, 9)]
+
+
+def test_labels_several_halvings_and_ignores_a_short_last_step() -> None:
+    hist = [record(11, 512), record(12, 128, oom=2), record(13, 128),
+            record(14, 100, samples=100)]
+    changes = _size_changes(hist)
+    assert [(c.step, c.label) for c in changes] == [(12, "halved x2")]
+    assert _squeezed_spans(hist) == [(12, 13)]
+
+
+def test_first_step_probes_are_not_a_size_change() -> None:
+    hist = [record(1, 315), record(2, 342), record(3, 342)]
+    assert _size_changes(hist) == []
+    assert _squeezed_spans(hist) == []
