@@ -48,7 +48,8 @@ class MemoryBackend(Protocol):
         ...
 
     def release(self) -> None:
-        """Return cached, unused memory to the device (called after an out-of-memory error)."""
+        """After an out-of-memory error: collect garbage (``gc.collect()``, so tensors held only by
+        reference cycles go), then return cached, unused memory to the device."""
         ...
 
     def active(self, tensors: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager[None]:

@@ -347,7 +347,8 @@ class SimulatedDevice:
             "simulated device" if self.name == "simulated" else f"simulated device {self.name!r}"
         )
         return (
-            f"CUDA out of memory (simulated). Tried to allocate {_format_bytes(requested)}. "
+            # Worded like PyTorch's CUDA message, so tools that match it (Accelerate) see an OOM.
+            f"CUDA out of memory. Tried to allocate {_format_bytes(requested)} (simulated). "
             f"{where} has a total capacity of {_format_bytes(self._capacity)} of which "
             f"{_format_bytes(self.free_bytes())} is free. "
             f"{_format_bytes(self._allocated)} is allocated by live tensors counted by this device "
