@@ -334,3 +334,45 @@ def test_history_records_each_step_with_its_oom_and_sizes():
     assert steps == [(1, 16, 8, 2, 0), (2, 16, 4, 4, 1), (3, 16, 4, 4, 0)]
     assert all(h.peak_bytes and h.free_bytes is not None and h.samples_per_s > 0
                for h in opt.history)
+
+
+class CountingBackend:
+    """A SimulatedDevice that counts the queries made of it."""
+
+    def __init__(self, capacity):
+        self.inner = autoaccum.SimulatedDevice(capacity_bytes=capacity)
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name in ("free_bytes", "allocated_bytes", "reset_peak", "peak_bytes", "release"):
+            def counted(*a, **k):
+                self.calls[name] = self.calls.get(name, 0) + 1
+                return attr(*a, **k)
+            return counted
+        return attr
+
+    def active(self, tensors):
+        return self.inner.active(tensors)
+
+
+@pytest.mark.parametrize("micro", [None, 64])
+def test_memory_queries_once_settled_are_per_step_not_per_micro_batch(micro):
+    backend = CountingBackend(3 * 2**20)
+    model = mlp()
+    opt = autoaccum.AutoAccumOptimizer(torch.optim.AdamW(model.parameters()),
+                                       target_batch_size=1024, memory=backend,
+                                       micro_batch_size=micro)
+
+    def loss_fn(b):
+        return nn.functional.cross_entropy(model(b[0]), b[1])
+
+    for i in range(2):  # probe and settle
+        opt.step(loss_fn, inputs("mlp", 1024, seed=i))
+    backend.calls.clear()
+    for i in range(3):
+        opt.step(loss_fn, inputs("mlp", 1024, seed=10 + i))
+    assert opt.plan.accumulation_steps >= 3  # several micro-batches per step...
+    # ...and still only these queries per step: free + peak reset at the start, free + peak at
+    # the end.
+    assert backend.calls == {"free_bytes": 6, "reset_peak": 3, "peak_bytes": 3}
