@@ -17,19 +17,25 @@ from torch.utils import _pytree as pytree
 class FlatBatch:
     """A validated batch: its leaves, its structure, which leaves are tensors, its sample count."""
 
-    __slots__ = ("leaves", "size", "spec", "tensors")
+    __slots__ = ("device", "leaves", "size", "spec", "tensors")
 
     def __init__(
-        self, leaves: list[Any], spec: pytree.TreeSpec, tensors: tuple[int, ...], size: int
+        self,
+        leaves: list[Any],
+        spec: pytree.TreeSpec,
+        tensors: tuple[int, ...],
+        size: int,
+        device: torch.device | None,
     ) -> None:
         self.leaves, self.spec, self.tensors, self.size = leaves, spec, tensors, size
+        self.device = device  # where every tensor leaf is, or None if they differ
 
     def slice(self, start: int, stop: int) -> FlatBatch:
         """Samples ``[start, stop)`` as views of the same host memory (no copy)."""
         leaves = list(self.leaves)
         for i in self.tensors:
             leaves[i] = leaves[i][start:stop]
-        return FlatBatch(leaves, self.spec, self.tensors, stop - start)
+        return FlatBatch(leaves, self.spec, self.tensors, stop - start, self.device)
 
     def micro(self, start: int, stop: int, device: torch.device) -> Any:
         """Samples ``[start, stop)`` in the user's structure, tensors moved to ``device``.
@@ -39,9 +45,13 @@ class FlatBatch:
         copy has run.
         """
         leaves = list(self.leaves)
-        for i in self.tensors:
-            t = leaves[i][start:stop]
-            leaves[i] = t if t.device == device else _to_device(t, device)
+        if self.device == device:
+            for i in self.tensors:
+                leaves[i] = leaves[i][start:stop]
+        else:
+            for i in self.tensors:
+                t = leaves[i][start:stop]
+                leaves[i] = t if t.device == device else _to_device(t, device)
         return pytree.tree_unflatten(leaves, self.spec)
 
     def unflatten(self) -> Any:
@@ -76,7 +86,10 @@ def flatten_batch(batch: Any) -> FlatBatch:
         _raise_shape_error(batch)
     if size == 0:
         raise ValueError("the batch is empty (dim 0 is 0); pass at least one sample")
-    return FlatBatch(leaves, spec, tensors, size)
+    device = first.device
+    if any(leaves[i].device != device for i in tensors[1:]):
+        device = None
+    return FlatBatch(leaves, spec, tensors, size, device)
 
 
 def _raise_shape_error(batch: Any) -> None:

@@ -42,6 +42,7 @@ _WRAPPER_KEYWORDS = (
     "shares",
 )
 _NO_BATCH: Any = object()
+_NULL_CONTEXT = contextlib.nullcontext()  # reusable
 
 
 class Plan(NamedTuple):
@@ -387,11 +388,11 @@ class AutoAccumOptimizer(Optimizer):
             self._rollback(call, first_new)
             raise
         ours = finished + [c for c in self._pending if c.call == call]
-        losses: Any = [x for c in ours for x in c.losses]
-        if not self._token_mode:  # weight each micro-batch's mean by its size
-            losses = torch._foreach_mul(losses, [float(s) for c in ours for s in c.sizes])
+        losses = torch.stack([x for c in ours for x in c.losses])
         items = sum(x for c in ours for x in c.items)
-        return torch.stack(losses).sum() / items
+        if self._token_mode:
+            return losses.sum() / items
+        return _weighted_mean(losses, [s for c in ours for s in c.sizes], items)
 
     def _start_step(self) -> None:
         """Once per step, before its first micro-batch: this rank's share, free memory."""
@@ -450,27 +451,28 @@ class AutoAccumOptimizer(Optimizer):
                 return
             todo = pending[self._cursor]
             remaining = todo.samples.size - todo.done
-            size = self._next_size(remaining)
+            probing = self.policy.probing
+            size = self._next_size(remaining, probing)
             last = (
                 self._cursor == len(pending) - 1
                 and size == remaining
                 and self._pending_count == self._step_size
             )
-            failure = self._try_micro_step(todo, size, last)
+            failure = self._try_micro_step(todo, size, last, probing)
             if failure is not None:  # out of the except block: the failed frames are gone
                 self._recover(failure)
 
-    def _next_size(self, remaining: int) -> int:
-        if self.policy.probing:
+    def _next_size(self, remaining: int, probing: bool) -> int:
+        limit = self.policy.limit
+        if probing:
             free = self.memory.free_bytes() if self.memory is not None else 0
             size = min(remaining, self.policy.probe_size(free))
-            limit = self.policy.limit
             return min(size, limit) if limit is not None else size
-        return first_split(remaining, self.policy.limit)
+        return first_split(remaining, limit)
 
-    def _try_micro_step(self, chunk: _Chunk, size: int, last: bool) -> _Oom | None:
+    def _try_micro_step(self, chunk: _Chunk, size: int, last: bool, probing: bool) -> _Oom | None:
         phase = "forward"
-        probing = self.policy.probing and self.memory is not None
+        probing = probing and self.memory is not None
         try:
             if probing:
                 assert self.memory is not None
@@ -513,7 +515,8 @@ class AutoAccumOptimizer(Optimizer):
         _check_scalar_loss(loss, "loss_sum" if token else "loss")
         if token:
             _check_items(items)
-        self._set_mode(token)
+        if self._token_mode is not token:
+            self._set_mode(token)
         return loss, items, token
 
     def _set_mode(self, token: bool) -> None:
@@ -531,8 +534,8 @@ class AutoAccumOptimizer(Optimizer):
         gradients itself once all ranks agree (a backward OOM can then never strand a peer in
         DDP's all-reduce)."""
         ddp = self.model
-        if (last and self._dist is None) or ddp is None or not hasattr(ddp, "no_sync"):
-            return contextlib.nullcontext()
+        if ddp is None or (last and self._dist is None) or not hasattr(ddp, "no_sync"):
+            return _NULL_CONTEXT
         return ddp.no_sync()  # type: ignore[operator]
 
     def _materialize_grads(self) -> None:
@@ -732,6 +735,20 @@ class AutoAccumOptimizer(Optimizer):
                      [round(r, 1) for r in rates])
 
 
+def _weighted_mean(losses: torch.Tensor, sizes: list[int], total: int) -> torch.Tensor:
+    """Mean over samples of per-micro-batch mean losses, in a few device ops: balanced splits give
+    runs of equal sizes, and each run is one slice sum (no host-to-device copy of weights)."""
+    if sizes.count(sizes[0]) == len(sizes):
+        return losses.mean()
+    acc: Any = 0.0
+    start = 0
+    for end in range(1, len(sizes) + 1):
+        if end == len(sizes) or sizes[end] != sizes[start]:
+            acc = acc + losses[start:end].sum() * sizes[start]
+            start = end
+    return acc / total
+
+
 def _initial_shares(shares: Any, target: int, world: int) -> list[int]:
     if isinstance(shares, str) and shares in ("equal", "auto"):
         if target < world:
@@ -756,6 +773,8 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 def _check_scalar_loss(loss: Any, what: str) -> None:
+    if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
+        return
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
             f"loss_fn must return a scalar tensor or a (loss_sum, num_items) pair; its {what} is "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -76,11 +77,15 @@ def cannot_fit_one_sample(rank: int, world: int) -> Any:
 
 
 def auto_shares(rank: int, world: int, slowdowns: list[float], steps: int) -> Any:
-    """Ranks with simulated devices of different speed; "auto" shares and a ShareSampler."""
+    """Ranks of different speed; "auto" shares and a ShareSampler.
+
+    Speed is a sleep per sample (1 ms x slowdown) rather than SimulatedDevice's slowdown factor,
+    which scales measured op times and so also scales whatever CPU contention the test machine
+    has: the sleep keeps the speed ratio what the test says it is."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                           nn.Linear(256, 4))
-    device = autoaccum.SimulatedDevice(capacity_bytes=2**34, slowdown=slowdowns[rank])
+    device = autoaccum.SimulatedDevice(capacity_bytes=2**34)
     target = 96
     opt = autoaccum.AutoAccumOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                        target_batch_size=target, shares="auto", memory=device,
@@ -91,12 +96,16 @@ def auto_shares(rank: int, world: int, slowdowns: list[float], steps: int) -> An
                                           torch.arange(n))
     sampler = autoaccum.ShareSampler(data, opt, shuffle=True, seed=3)
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler)
+    def loss_fn(b: Any) -> torch.Tensor:
+        time.sleep(1e-3 * slowdowns[rank] * b[0].shape[0])
+        return nn.functional.cross_entropy(model(b[0]), b[1])
+
     seen: list[int] = []
     history = []
     for x, y, idx in loader:
         seen.extend(idx.tolist())
         history.append(opt.share_schedule.shares_for(opt.optimizer_steps))
-        opt.step(lambda b: nn.functional.cross_entropy(model(b[0]), b[1]), (x, y))
+        opt.step(loss_fn, (x, y))
     opt.flush()
     return {"seen": seen, "history": [list(h) for h in history], "steps": opt.optimizer_steps}
 
