@@ -161,7 +161,15 @@ def run_rank(rank: int, world: int, case: Case, opts: dict[str, int]) -> dict[st
         batches = iter(autoaccum.ShareSampler(len(x_all), opt, shuffle=True, seed=0))
         return opt, model, batches
 
-    def run_block(opt: Any, model: nn.Module, batches: Any, n: int, times: list[float]) -> None:
+    # This rank's busy time in a step: from the step() call to the end of its last backward (the
+    # first layer's gradient is computed last); the rest of the step is waiting and syncing.
+    backward_done = [0.0]
+
+    def note_backward_done(_: torch.Tensor) -> None:
+        backward_done[0] = time.perf_counter()
+
+    def run_block(opt: Any, model: nn.Module, batches: Any, n: int, times: list[float],
+                  busy: list[float] | None = None) -> None:
         def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             return F.cross_entropy(model(batch[0]), batch[1])
 
@@ -169,14 +177,18 @@ def run_rank(rank: int, world: int, case: Case, opts: dict[str, int]) -> dict[st
         last = time.perf_counter()
         for _ in range(n):
             idx = next(batches)
+            start = time.perf_counter()
             opt.step(loss_fn, (x_all[idx], y_all[idx]))
             now = time.perf_counter()
             times.append(now - last)
+            if busy is not None:
+                busy.append(backward_done[0] - start)
             last = now
 
     # auto: warm up until the shares have settled; the plan made at equal shares is the one
     # Composer's policy would pin (its minimum over ranks).
     auto, auto_model, auto_batches = build("auto", None)
+    auto_model[0].weight.register_post_accumulate_grad_hook(note_backward_done)
     run_block(auto, auto_model, auto_batches, warmup, [])
     planned = auto.plan.micro_batch_size or TARGET // world
     micros: list[int] = [0] * world
@@ -213,11 +225,12 @@ def run_rank(rank: int, world: int, case: Case, opts: dict[str, int]) -> dict[st
     solo_round()  # warm-up
     rates.clear()
     auto_times: list[float] = []
+    auto_busy: list[float] = []
     equal_times: list[float] = []
     auto_shares_start = len(auto.history)
     for i in range(rounds):
         parts = [
-            lambda: run_block(auto, auto_model, auto_batches, block, auto_times),
+            lambda: run_block(auto, auto_model, auto_batches, block, auto_times, auto_busy),
             lambda: run_block(equal, equal_model, equal_batches, block, equal_times),
             solo_round,
         ]
@@ -227,7 +240,7 @@ def run_rank(rank: int, world: int, case: Case, opts: dict[str, int]) -> dict[st
     return {
         "auto_times": auto_times, "equal_times": equal_times, "rate": statistics.median(rates),
         "planned": planned, "pinned": min(micros), "auto_shares": shares,
-        "auto_micro": [rec.micro_batch_size for rec in auto.history[auto_shares_start:]],
+        "auto_busy": auto_busy,
         "oom": auto.oom_events + equal.oom_events,
     }
 
@@ -282,6 +295,10 @@ def summarize(case: Case, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "ideal_shares": [round(TARGET * r / sum(rates)) for r in rates],
         "rates": rates, "oom": sum(r["oom"] for r in ranks),
         "steps": len(ranks[0]["auto_times"]),
+        # per timed auto step: the slowest rank's busy time, and how far apart the ranks were
+        "busy": statistics.median(max(b) for b in zip(*(r["auto_busy"] for r in ranks))) * 1e3,
+        "spread": statistics.median(
+            max(b) - min(b) for b in zip(*(r["auto_busy"] for r in ranks))) * 1e3,
     }
 
 
@@ -335,19 +352,37 @@ def render(rows: list[dict[str, Any]], command: str, wall: float, load: tuple[fl
         "",
         "Per case: how speed was set (rank 0 first), simulated memory, the micro-batch each rank "
         "planned (at equal shares), the size pinned for the equal split, auto's shares (median "
-        "over the timed steps) against shares proportional to the solo throughputs, and each "
-        "rank's solo throughput.",
+        "over the timed steps) against shares proportional to the solo throughputs, each rank's "
+        "solo throughput, and where an auto step's time goes: busy = the slowest rank's time "
+        "from its `step()` call to the end of its last backward, spread = slowest minus fastest "
+        "rank's busy time (the imbalance left), rest = step time minus busy (agreement, gradient "
+        "all-reduce, SGD, Python); medians over the timed steps.",
         "",
         "| ranks | speed | memory MiB | planned micro | pinned micro | auto shares | ideal shares "
-        "| solo samples/s | OOMs |",
-        "|---:|---|---|---|---:|---|---|---|---:|",
+        "| solo samples/s | auto busy ms | spread ms | rest ms | OOMs |",
+        "|---:|---|---|---|---:|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         c = r["case"]
         mem = ",".join(str(m) for m in CAPACITIES_MIB[:c.world])
         lines.append(
             f"| {c.world} | {c.speed} | {mem} | {r['planned']} | {r['pinned']} | {r['shares']} "
-            f"| {r['ideal_shares']} | {[round(x) for x in r['rates']]} | {r['oom']} |")
+            f"| {r['ideal_shares']} | {[round(x) for x in r['rates']]} | {r['busy']:.1f} "
+            f"| {r['spread']:.1f} | {r['auto'] - r['busy']:.1f} | {r['oom']} |")
+    floors = [
+        f"{r['case'].mode} {r['case'].ratio}: equal {r['equal'] / r['ideal']:.2f}x, "
+        f"auto {r['auto'] / r['ideal']:.2f}x"
+        for r in rows if len(set(r["case"].ratios)) == 1
+    ]
+    if floors:
+        lines += [
+            "",
+            "Reading it: at equal speeds, where equal shares are already right, both variants "
+            f"still take longer than the ideal ({'; '.join(floors)}). That is what a step costs "
+            "here beyond forward and backward (the agreement, the gradient all-reduce, SGD, "
+            "Python per micro-batch; with 3 processes on 2 cores also waiting for a core), and "
+            "auto pays it at every ratio: compare its busy time with the ideal.",
+        ]
     lines += [
         "",
         "How it was measured:",
