@@ -31,6 +31,7 @@ from .planner import (
     first_split,
     proportional_shares,
     state_buffers_per_param,
+    step_time,
 )
 from .policy import MicroBatchPolicy, OutOfMemoryForOneSample
 
@@ -70,6 +71,7 @@ class StepRecord(NamedTuple):
     free_bytes: int | None  # free at the end of the step
     seconds: float  # wall time since the previous step ended (data loading included)
     samples_per_s: float  # samples / seconds, this rank
+    compute_seconds: float  # this rank's forward/backward time in the step (no waiting, no data)
 
 
 class StepOutOfMemoryError(RuntimeError):
@@ -191,6 +193,7 @@ class AutoAccumOptimizer(Optimizer):
         self.auto_shares = shares == "auto"
         self.share_interval = 10  # steps between "auto" share updates
         self.share_lookahead = 8  # steps between an update and its use (data-loader prefetch)
+        self.share_min_gain = 0.03  # predicted step-time gain below which shares stay
         self._dist = dist_ctx
         self._rank = rank
         self._step_size = initial[rank]
@@ -397,7 +400,7 @@ class AutoAccumOptimizer(Optimizer):
     def _start_step(self) -> None:
         """Once per step, before its first micro-batch: this rank's share, free memory."""
         self._step_size = self.share_schedule.shares_for(self.optimizer_steps)[self._rank]
-        self.policy.cap = self._step_size
+        self.policy.set_cap(self._step_size)
         self._step_seconds = 0.0
         if self._last_step_end is None:
             self._last_step_end = time.perf_counter()
@@ -445,8 +448,10 @@ class AutoAccumOptimizer(Optimizer):
             ):
                 self._cursor += 1
             if self._cursor == len(pending):
-                if self.auto_shares and self._param_device.type == "cuda":
-                    torch.cuda.synchronize(self._param_device)  # time the work, not the queueing
+                if self.auto_shares:  # time the work, not the queueing
+                    if self._param_device.type == "cuda":
+                        torch.cuda.synchronize(self._param_device)
+                    getattr(self.memory, "synchronize", _no_op)()
                 self._step_seconds += time.perf_counter() - started
                 return
             todo = pending[self._cursor]
@@ -643,6 +648,7 @@ class AutoAccumOptimizer(Optimizer):
             free_bytes=free,
             seconds=seconds,
             samples_per_s=samples / seconds if seconds > 0 else float("nan"),
+            compute_seconds=self._step_seconds,
         ))
 
     def _apply(self, inner: Optimizer) -> None:
@@ -728,11 +734,17 @@ class AutoAccumOptimizer(Optimizer):
         ]
         current = self.share_schedule.shares_for(self.optimizer_steps)
         new = proportional_shares(self.target_batch_size, rates)
-        if new != list(current):
+        # Change only for a real gain in predicted step time (the slowest rank's), not to chase
+        # measurement noise.
+        if step_time(new, rates) < (1 - self.share_min_gain) * step_time(current, rates):
             self.share_schedule.set_from(self.optimizer_steps + self.share_lookahead, new)
             log.info("shares %s -> %s from step %d (throughput %s samples/s)", list(current), new,
                      self.optimizer_steps + self.share_lookahead,
                      [round(r, 1) for r in rates])
+
+
+def _no_op() -> None:
+    pass
 
 
 def _weighted_mean(losses: torch.Tensor, sizes: list[int], total: int) -> torch.Tensor:

@@ -225,6 +225,11 @@ def proportional_shares(target: int, rates: Sequence[float], minimum: int = 1) -
     return [s + minimum for s in shares]
 
 
+def step_time(shares: Sequence[int], rates: Sequence[float]) -> float:
+    """Predicted time of a step: the slowest rank's share over its throughput."""
+    return max(s / r if r > 0 else math.inf for s, r in zip(shares, rates))
+
+
 def check_shares(shares: Sequence[int], target: int, world_size: int) -> list[int]:
     """Validate an explicit list of per-rank sample counts."""
     shares = list(shares)

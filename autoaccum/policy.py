@@ -88,6 +88,16 @@ class MicroBatchPolicy:
     def memory_model(self) -> MemoryModel | None:
         return MemoryModel(*self._s.model) if self._s.model else None
 
+    def set_cap(self, cap: int) -> None:
+        """This rank's share of a step changed: plan for the new size (no probing needed)."""
+        if cap == self.cap:
+            return
+        self.cap = cap
+        s = self._s
+        model = self.memory_model
+        if model is not None and s.planned_free is not None and s.trial is None:
+            self._plan(model, s.planned_free, 0, f"share is now {cap}")
+
     # -- what the optimizer reports ----------------------------------------------------------
     def record_probe(
         self, size: int, peak_above_baseline: int, free_bytes: int, reserve: int

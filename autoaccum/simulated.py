@@ -244,9 +244,13 @@ class SimulatedDevice:
                 yield
         finally:
             local.depth = 0
-            debt, self._debt_s = self._debt_s, 0.0
-            if debt > 0.0:
-                time.sleep(debt)
+            self.synchronize()
+
+    def synchronize(self) -> None:
+        """Pay the slowdown still owed (sleeps are batched), like waiting for a GPU to finish."""
+        debt, self._debt_s = self._debt_s, 0.0
+        if debt > 0.0:
+            time.sleep(debt)
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -63,3 +63,22 @@ def test_state_round_trips():
     other = MicroBatchPolicy(1024, pinned=None, planning=True)
     other.load_state_dict(policy.state_dict())
     assert other.limit == policy.limit and not other.probing
+
+
+def test_a_larger_share_is_planned_for_without_probing_again():
+    policy = planned(cap=256, free=4 * MIB)  # 256 fits whole: one micro-batch
+    assert policy.limit == 256
+    policy.set_cap(400)  # "auto" shares gave this rank more samples
+    assert not policy.probing
+    assert policy.limit == 400  # (4 MiB * 0.9) / 4096 = 921 samples fit: still one micro-batch
+    policy.set_cap(3000)
+    assert policy.limit == 750  # 921 fit; a step of 3000 runs 4 x 750
+
+
+def test_shares_change_only_for_a_real_gain():
+    from autoaccum.planner import proportional_shares, step_time
+
+    rates = [3000.0, 1500.0]
+    good = proportional_shares(512, rates)
+    assert step_time(good, rates) < 0.97 * step_time([256, 256], rates)
+    assert not step_time(good, rates) < 0.97 * step_time([good[0] - 2, good[1] + 2], rates)

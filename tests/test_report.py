@@ -31,6 +31,7 @@ def record(step: int, size: int, *, samples: int = 1024, oom: int = 0, memory: b
         free_bytes=(2 << 20) if memory else None,
         seconds=samples / rate,
         samples_per_s=rate,
+        compute_seconds=samples / rate,
     )
 
 
