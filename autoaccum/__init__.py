@@ -1,6 +1,7 @@
 """autoaccum: a fixed effective batch size on any GPU, by planned gradient accumulation."""
 
 from .data import ShareSampler, ShareSchedule
+from .distributed import PeerFailedError
 from .memory import MemoryBackend
 from .optimizer import AutoAccumOptimizer, Plan, StepOutOfMemoryError, StepRecord
 from .report import plot_history
@@ -9,6 +10,7 @@ from .simulated import SimulatedDevice
 __all__ = [
     "AutoAccumOptimizer",
     "MemoryBackend",
+    "PeerFailedError",
     "Plan",
     "ShareSampler",
     "ShareSchedule",
