@@ -4,9 +4,9 @@ One optimizer step across ranks, after every rank has run all of its micro-batch
 DDP's own gradient sync switched off):
 
 1. ``agree``: one small all-gather of a row of numbers per rank (ok flag, item count, compute time,
-   samples, micro-batch size). No rank starts a gradient collective before every rank has finished
-   its share, replays after an OOM included, so an OOM anywhere cannot leave a rank waiting in a
-   collective that another rank never joins.
+   samples, whether it came from flush()). No rank starts a gradient collective before every rank
+   has finished its share, replays after an OOM included, so an OOM anywhere cannot leave a rank
+   waiting in a collective that another rank never joins.
 2. ``reduce_gradients``: gradients, pre-scaled by each rank's weight, are summed in buckets.
 
 Nothing here runs per micro-batch.
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 # Columns of the per-step agreement row (FLUSH: the rank entered the step from flush()).
-OK, ITEMS, SECONDS, SAMPLES, MICRO, FLUSH = range(6)
+OK, ITEMS, SECONDS, SAMPLES, FLUSH = range(5)
 _BUCKET_BYTES = 32 * 2**20
 
 

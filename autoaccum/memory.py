@@ -239,6 +239,13 @@ def _nvml_errors(nvml: Any) -> tuple[type[BaseException], ...]:
     return (base, AttributeError)
 
 
+def _device_name(nvml: Any, handle: Any, errors: tuple[type[BaseException], ...]) -> str:
+    try:
+        return _text(nvml.nvmlDeviceGetName(handle))
+    except errors:
+        return ""
+
+
 def _enumerate_nvml(nvml: Any) -> list[_NvmlDevice]:
     """Every NVML device and its MIG instances. Devices NVML cannot describe are skipped."""
     errors = _nvml_errors(nvml)
@@ -249,10 +256,7 @@ def _enumerate_nvml(nvml: Any) -> list[_NvmlDevice]:
             uuid = _text(nvml.nvmlDeviceGetUUID(handle))
         except errors:
             continue
-        try:
-            name = _text(nvml.nvmlDeviceGetName(handle))
-        except errors:
-            name = ""
+        name = _device_name(nvml, handle, errors)
         pci: tuple[int, int, int] | None
         try:
             info = nvml.nvmlDeviceGetPciInfo(handle)
@@ -287,10 +291,7 @@ def _enumerate_mig(
             uuid = _text(nvml.nvmlDeviceGetUUID(handle))
         except errors:
             continue
-        try:
-            name = _text(nvml.nvmlDeviceGetName(handle))
-        except errors:
-            name = ""
+        name = _device_name(nvml, handle, errors)
         try:
             ids: tuple[int, int] | None = (
                 int(nvml.nvmlDeviceGetGpuInstanceId(handle)),

@@ -274,9 +274,7 @@ class AutoAccumOptimizer(Optimizer):
                     if fn is None:
                         raise RuntimeError("flush() must replay samples restored by "
                                            "load_state_dict: pass the loss_fn")
-                    for chunk in self._pending:
-                        chunk.loss_fn = fn
-                    self._drain()
+                    self._replay(fn)
                 return self._finish_step(flush=True)
         except BaseException as exc:
             self._tell_peers(exc)
@@ -371,9 +369,7 @@ class AutoAccumOptimizer(Optimizer):
         finished: list[_Chunk] = []
         try:
             if self._needs_replay:
-                for chunk in self._pending:
-                    chunk.loss_fn = loss_fn
-                self._drain()
+                self._replay(loss_fn)
             offset = 0
             while offset < flat.size:
                 if not self._pending:
@@ -396,6 +392,13 @@ class AutoAccumOptimizer(Optimizer):
         if self._token_mode:
             return losses.sum() / items
         return _weighted_mean(losses, [s for c in ours for s in c.sizes], items)
+
+    def _replay(self, loss_fn: LossFn) -> None:
+        """Recompute the gradients of pending samples restored by load_state_dict (or left by a
+        failed call) with ``loss_fn``."""
+        for chunk in self._pending:
+            chunk.loss_fn = loss_fn
+        self._drain()
 
     def _start_step(self) -> None:
         """Once per step, before its first micro-batch: this rank's share, free memory."""
@@ -596,8 +599,9 @@ class AutoAccumOptimizer(Optimizer):
         chunks, self._pending = self._pending, []
         self._pending_count, self._cursor = 0, 0
         items = sum(x for c in chunks for x in c.items)
+        samples = sum(c.samples.size for c in chunks)
         if self._dist is not None:
-            table = self._agree(True, items, sum(c.samples.size for c in chunks), flush=flush)
+            table = self._agree(True, items, samples, flush=flush)
             self._flushed_by_peer = not flush and bool(table[:, distributed.FLUSH].any())
             total: Any = float(table[:, distributed.ITEMS].sum())
             if total == 0:
@@ -625,18 +629,17 @@ class AutoAccumOptimizer(Optimizer):
         self._last_sizes = tuple(s for c in chunks for s in c.sizes)
         self.optimizer.zero_grad(set_to_none=True)
         free = self.memory.free_bytes() if self.memory is not None else None
-        self._record(chunks, free)
+        self._record(samples, free)
         self.policy.end_of_step(free, had_oom=self._step_ooms > 0)
         self._step_ooms = 0
         if self._dist is not None:
             self._update_shares(table)
         return True
 
-    def _record(self, chunks: list[_Chunk], free: int | None) -> None:
+    def _record(self, samples: int, free: int | None) -> None:
         now = time.perf_counter()
         seconds = now - (self._last_step_end or now)
         self._last_step_end = now
-        samples = sum(c.samples.size for c in chunks)
         sizes = self._last_sizes or (0,)
         self.history.append(StepRecord(
             step=self.optimizer_steps,
@@ -686,8 +689,7 @@ class AutoAccumOptimizer(Optimizer):
     ) -> torch.Tensor:
         """The step's one small collective: every rank's status, items and speed."""
         assert self._dist is not None
-        row = [float(ok), items, self._step_seconds, samples, self.policy.limit or samples,
-               float(flush)]
+        row = [float(ok), items, self._step_seconds, samples, float(flush)]
         self._in_collective = True
         try:
             table = distributed.agree(self._dist, row)
