@@ -1,68 +1,186 @@
-"""Split, count and move nested batches.
+"""Split, count, move and store nested batches.
 
-A batch is a tensor or any nest of tuples, lists, dicts and namedtuples (anything
-``torch.utils._pytree`` flattens) whose tensor leaves share their first dimension: the samples.
-Non-tensor leaves go unchanged to every micro-batch. The batch is flattened once per
-``AutoAccumOptimizer.step`` call; micro-batches are rebuilt from the flat leaves.
+A batch is a tensor or any nest of tuples, lists, dicts, namedtuples and other ``Mapping`` types
+(e.g. Hugging Face's ``BatchEncoding``) whose tensor leaves share their first dimension: the
+samples. Non-tensor leaves go unchanged to every micro-batch. A batch is flattened once per
+``AutoAccumOptimizer.step`` call; micro-batches are rebuilt from the flat leaves by a function
+compiled once per call, so the per-micro-batch cost is a few list operations.
+
+The structure is kept in two forms: a runtime one holding the container classes, and a plain one
+(nested lists of strings, ints and the constant leaves) that a checkpoint can hold and that
+``torch.load(..., weights_only=True)`` accepts. :func:`restore_batch` rebuilds a batch from the
+plain form.
 """
 
 from __future__ import annotations
 
+import collections
+import importlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
+
+log = logging.getLogger("autoaccum")
+
+# Runtime structure nodes: (kind, cls, keys, children). Kinds:
+_LEAF, _CONST, _TUPLE, _LIST, _DICT, _NAMEDTUPLE, _MAPPING = range(7)
+Spec = tuple[Any, ...]
+Rebuild = Callable[[Sequence[Any]], Any]
 
 
 class FlatBatch:
     """A validated batch: its leaves, its structure, which leaves are tensors, its sample count."""
 
-    __slots__ = ("device", "leaves", "size", "spec", "tensors")
+    __slots__ = ("device", "leaves", "rebuild", "size", "spec", "tensors")
 
     def __init__(
         self,
         leaves: list[Any],
-        spec: pytree.TreeSpec,
+        spec: Spec,
         tensors: tuple[int, ...],
         size: int,
         device: torch.device | None,
+        rebuild: Rebuild | None = None,
     ) -> None:
         self.leaves, self.spec, self.tensors, self.size = leaves, spec, tensors, size
         self.device = device  # where every tensor leaf is, or None if they differ
+        self.rebuild = rebuild if rebuild is not None else _compile(spec)
 
     def slice(self, start: int, stop: int) -> FlatBatch:
         """Samples ``[start, stop)`` as views of the same host memory (no copy)."""
+        if start == 0 and stop == self.size:
+            return self
         leaves = list(self.leaves)
         for i in self.tensors:
             leaves[i] = leaves[i][start:stop]
-        return FlatBatch(leaves, self.spec, self.tensors, stop - start, self.device)
+        return FlatBatch(leaves, self.spec, self.tensors, stop - start, self.device, self.rebuild)
 
     def micro(self, start: int, stop: int, device: torch.device) -> Any:
-        """Samples ``[start, stop)`` in the user's structure, tensors moved to ``device``.
-
-        CPU tensors bound for CUDA are pinned and copied with ``non_blocking=True`` so the copy
-        overlaps with compute; the caching host allocator keeps the pinned buffer alive until the
-        copy has run.
-        """
+        """Samples ``[start, stop)`` in the user's structure, tensors moved to ``device``."""
         leaves = list(self.leaves)
-        if self.device == device:
-            for i in self.tensors:
-                leaves[i] = leaves[i][start:stop]
-        else:
-            for i in self.tensors:
-                t = leaves[i][start:stop]
-                leaves[i] = t if t.device == device else _to_device(t, device)
-        return pytree.tree_unflatten(leaves, self.spec)
+        move = self.device != device
+        for i in self.tensors:
+            t = leaves[i][start:stop]
+            leaves[i] = to_device(t, device) if move and t.device != device else t
+        return self.rebuild(leaves)
+
+    def split(self, sizes: Sequence[int]) -> list[list[Any]]:
+        """The leaves of consecutive micro-batches of ``sizes`` (views; one ``split`` per tensor
+        leaf). Rebuild each with :attr:`rebuild` after moving its tensors."""
+        parts = [self.leaves[i].split(sizes) for i in self.tensors]
+        if len(self.tensors) == len(self.leaves):
+            return [list(x) for x in zip(*parts)]
+        out = []
+        for j in range(len(sizes)):
+            leaves = list(self.leaves)
+            for i, p in zip(self.tensors, parts):
+                leaves[i] = p[j]
+            out.append(leaves)
+        return out
 
     def unflatten(self) -> Any:
-        """The batch in the user's structure, where it is (e.g. for a checkpoint)."""
-        return pytree.tree_unflatten(list(self.leaves), self.spec)
+        """The batch in the user's structure, where it is."""
+        return self.rebuild(self.leaves)
+
+    def versions(self) -> tuple[int, ...]:
+        """The version counters of the tensor leaves (they move when a tensor is written)."""
+        return tuple(self.leaves[i]._version for i in self.tensors)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The samples as compact copies (only their own bytes, not the storage they view) and
+        the structure in plain form; loadable with ``torch.load(weights_only=True)`` as long as
+        the non-tensor leaves are plain Python values."""
+        leaves = [
+            x.detach().clone(memory_format=torch.contiguous_format) if i in self.tensors else x
+            for i, x in enumerate(self.leaves)
+        ]
+        return {"leaves": leaves, "structure": _plain(self.spec)}
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; CPU tensors bound for CUDA are pinned and copied asynchronously (the
+    caching host allocator keeps the pinned buffer alive until the copy has run)."""
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+# --------------------------------------------------------------------------------------- flatten
+def _flatten(obj: Any, leaves: list[Any]) -> Spec:
+    if isinstance(obj, torch.Tensor):
+        leaves.append(obj)
+        return (_LEAF,)
+    cls = type(obj)
+    if cls is tuple or cls is list:
+        children = tuple(_flatten(x, leaves) for x in obj)
+        return (_TUPLE if cls is tuple else _LIST, None, None, children)
+    if isinstance(obj, tuple) and hasattr(cls, "_fields"):
+        children = tuple(_flatten(x, leaves) for x in obj)
+        return (_NAMEDTUPLE, cls, tuple(cls._fields), children)
+    if isinstance(obj, Mapping):
+        keys = tuple(obj.keys())
+        children = tuple(_flatten(obj[k], leaves) for k in keys)
+        return (_DICT if cls is dict else _MAPPING, cls, keys, children)
+    if isinstance(obj, (tuple, list)):  # subclasses: rebuilt as their base
+        children = tuple(_flatten(x, leaves) for x in obj)
+        return (_TUPLE if isinstance(obj, tuple) else _LIST, None, None, children)
+    leaves.append(obj)
+    return (_CONST,)
+
+
+def _compile(spec: Spec) -> Rebuild:
+    """A function ``leaves -> batch`` for ``spec``; common shapes get a direct one."""
+    kind = spec[0]
+    if kind == _LEAF:
+        return _first
+    children = spec[3] if kind not in (_LEAF, _CONST) else ()
+    flat_children = all(c[0] in (_LEAF, _CONST) for c in children)
+    if flat_children:
+        if kind == _TUPLE:
+            return tuple
+        if kind == _LIST:
+            return list
+        if kind == _DICT:
+            keys = spec[2]
+            return lambda leaves: dict(zip(keys, leaves))
+        if kind == _NAMEDTUPLE:
+            return spec[1]._make  # type: ignore[no-any-return]
+
+    def rebuild(leaves: Sequence[Any]) -> Any:
+        it = iter(leaves)
+        return _build(spec, it)
+
+    return rebuild
+
+
+def _first(leaves: Sequence[Any]) -> Any:
+    return leaves[0]
+
+
+def _build(spec: Spec, it: Any) -> Any:
+    kind = spec[0]
+    if kind in (_LEAF, _CONST):
+        return next(it)
+    values = [_build(c, it) for c in spec[3]]
+    if kind == _TUPLE:
+        return tuple(values)
+    if kind == _LIST:
+        return values
+    if kind == _NAMEDTUPLE:
+        return spec[1]._make(values)
+    mapping = dict(zip(spec[2], values))
+    if kind == _DICT:
+        return mapping
+    return _make_mapping(spec[1], mapping)
+
+
+def _make_mapping(cls: Any, mapping: dict[Any, Any]) -> Any:
+    try:
+        return cls(mapping)
+    except Exception:  # a Mapping whose constructor takes something else: hand over a dict
+        return mapping
 
 
 def flatten_batch(batch: Any) -> FlatBatch:
@@ -72,13 +190,14 @@ def flatten_batch(batch: Any) -> FlatBatch:
         TypeError: the batch holds no tensor.
         ValueError: a tensor leaf has no dim 0, leaves disagree on dim 0, or the batch is empty.
     """
-    leaves, spec = pytree.tree_flatten(batch)
+    leaves: list[Any] = []
+    spec = _flatten(batch, leaves)
     tensors = tuple(i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor))
     if not tensors:
         raise TypeError(
             f"the batch holds no tensor (got {type(batch).__name__} with leaves of types "
             f"{sorted({type(x).__name__ for x in leaves})}); expected a tensor or a nested "
-            "tuple/list/dict/namedtuple of tensors whose dim 0 indexes samples"
+            "tuple/list/dict/namedtuple/Mapping of tensors whose dim 0 indexes samples"
         )
     first = leaves[tensors[0]]
     size = first.shape[0] if first.dim() else -1
@@ -92,12 +211,22 @@ def flatten_batch(batch: Any) -> FlatBatch:
     return FlatBatch(leaves, spec, tensors, size, device)
 
 
+def _paths(obj: Any, prefix: str) -> list[tuple[str, Any]]:
+    cls = type(obj)
+    if isinstance(obj, Mapping):
+        return [p for k in obj for p in _paths(obj[k], f"{prefix}[{k!r}]")]
+    if isinstance(obj, (tuple, list)) and not isinstance(obj, torch.Tensor):
+        if hasattr(cls, "_fields"):
+            return [p for f, x in zip(cls._fields, obj) for p in _paths(x, f"{prefix}.{f}")]
+        return [p for i, x in enumerate(obj) for p in _paths(x, f"{prefix}[{i}]")]
+    return [(prefix, obj)]
+
+
 def _raise_shape_error(batch: Any) -> None:
     """The error path: name every tensor leaf by its path in the batch."""
     sizes: dict[str, int] = {}
-    for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
+    for name, leaf in _paths(batch, "batch"):
         if isinstance(leaf, torch.Tensor):
-            name = "batch" + pytree.keystr(path)
             if leaf.dim() == 0:
                 raise ValueError(
                     f"{name} is a 0-d tensor; every tensor in a batch needs dim 0 to index "
@@ -109,3 +238,65 @@ def _raise_shape_error(batch: Any) -> None:
         f"tensors in the batch disagree on dim 0 (the sample count): {shown}; "
         "every tensor leaf must hold the same number of samples"
     )
+
+
+# ------------------------------------------------------------------------------ checkpoint form
+_KIND_NAMES = {_LEAF: "tensor", _CONST: "value", _TUPLE: "tuple", _LIST: "list", _DICT: "dict",
+               _NAMEDTUPLE: "namedtuple", _MAPPING: "mapping"}
+_KINDS = {v: k for k, v in _KIND_NAMES.items()}
+
+
+def _plain(spec: Spec) -> list[Any]:
+    kind = spec[0]
+    name = _KIND_NAMES[kind]
+    if kind in (_LEAF, _CONST):
+        return [name]
+    cls = spec[1]
+    where = f"{cls.__module__}:{cls.__qualname__}" if cls is not None else None
+    keys = list(spec[2]) if spec[2] is not None else None
+    return [name, where, keys, [_plain(c) for c in spec[3]]]
+
+
+def _resolve(where: str) -> Any | None:
+    module, _, qualname = where.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj
+
+
+def _from_plain(plain: list[Any]) -> Spec:
+    kind = _KINDS[plain[0]]
+    if kind in (_LEAF, _CONST):
+        return (kind,)
+    _, where, keys, children = plain
+    cls: Any = None
+    if kind in (_NAMEDTUPLE, _MAPPING):
+        cls = _resolve(where)
+        if cls is None:
+            log.warning("checkpointed batch type %s cannot be imported; restoring it as a %s",
+                        where, "namedtuple of the same fields" if kind == _NAMEDTUPLE else "dict")
+            if kind == _NAMEDTUPLE:
+                make: Any = collections.namedtuple
+                cls = make(where.rpartition(":")[2].rpartition(".")[2], keys)
+            else:
+                kind = _DICT
+    elif kind == _DICT:
+        cls = dict
+    return (kind, cls, tuple(keys) if keys is not None else None,
+            tuple(_from_plain(c) for c in children))
+
+
+def restore_batch(saved: dict[str, Any]) -> FlatBatch:
+    """The :class:`FlatBatch` that :meth:`FlatBatch.to_checkpoint` saved."""
+    spec = _from_plain(saved["structure"])
+    leaves = list(saved["leaves"])
+    tensors = tuple(i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor))
+    first = leaves[tensors[0]]
+    device = first.device
+    if any(leaves[i].device != device for i in tensors[1:]):
+        device = None
+    return FlatBatch(leaves, spec, tensors, first.shape[0], device)

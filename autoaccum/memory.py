@@ -7,6 +7,10 @@ A backend answers four questions for the planner and one for the OOM handler:
 * ``allocated_bytes()``: bytes allocated right now;
 * ``release()``: give cached memory back after an out-of-memory error.
 
+Optional: ``alloc_retries()``, a counter that rises when the allocator had to free its cache and
+retry an allocation (CUDA's ``num_alloc_retries``); a rise during a step makes the plan step down
+one size even though the step ran.
+
 ``active(tensors)`` is a context manager the optimizer enters around everything it runs (forward,
 backward, optimizer step). Real devices return a null context; :class:`~autoaccum.SimulatedDevice`
 counts ``tensors`` (parameters, gradients, optimizer state) as resident and enforces its capacity on
@@ -424,6 +428,7 @@ class CudaMemory:
         self._handle: Any | None = None
         self._resolved = False
         self._warned: set[str] = set()
+        self._retries = 0
 
     def __repr__(self) -> str:
         return f"CudaMemory(device=cuda:{self.index})"
@@ -499,8 +504,21 @@ class CudaMemory:
         self._cuda.reset_peak_memory_stats(self.index)
 
     def peak_bytes(self) -> int:
-        """``torch.cuda.max_memory_allocated`` of this device since the last ``reset_peak()``."""
+        """``torch.cuda.max_memory_allocated`` of this device since the last ``reset_peak()``.
+
+        Read from one ``torch.cuda.memory_stats`` call, which also refreshes
+        :meth:`alloc_retries` (no query of its own)."""
+        stats_fn = getattr(self._cuda, "memory_stats", None)
+        stats = stats_fn(self.index) if stats_fn is not None else None
+        if stats and "allocated_bytes.all.peak" in stats:
+            self._retries = int(stats.get("num_alloc_retries", 0))
+            return int(stats["allocated_bytes.all.peak"])
         return int(self._cuda.max_memory_allocated(self.index))
+
+    def alloc_retries(self) -> int:
+        """The caching allocator's ``num_alloc_retries`` (cudaMalloc retried after freeing its
+        cache: memory is thrashing) as of the last :meth:`peak_bytes` call."""
+        return self._retries
 
     def release(self) -> None:
         """Collect garbage (dropping unreachable tensors), then ``torch.cuda.empty_cache()``."""

@@ -4,6 +4,11 @@ The driver of one step: cut the incoming samples into micro-batches (sizes from 
 forward and a weighted backward for each, and when a step's samples are all in, normalize the
 accumulated gradient, clip, step the inner optimizer once and zero the gradients. The samples of the
 unfinished step stay referenced on the host, so any part of a step can be replayed after an OOM.
+
+Two paths run micro-batches. The fast path takes a call's part of a step through one tight loop
+(micro-batches cut once, the output checked on the first one). The full path probes memory,
+replays, and recovers from OOM one micro-batch at a time. Both record what reached ``.grad`` in the
+same :class:`~autoaccum.step.StepState`, whose invariant makes any exception safe to retry.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -21,8 +27,10 @@ from torch.optim import Optimizer
 
 from . import distributed
 from . import oom as oom_mod
-from .batching import FlatBatch, flatten_batch
+from . import outputs as out_mod
+from .batching import FlatBatch, flatten_batch, restore_batch, to_device
 from .data import ShareSchedule
+from .facade import InnerFacade
 from .memory import MemoryBackend, default_backend
 from .planner import (
     balanced_split,
@@ -31,19 +39,63 @@ from .planner import (
     first_split,
     proportional_shares,
     state_buffers_per_param,
+    step_temporaries,
     step_time,
 )
 from .policy import MicroBatchPolicy, OutOfMemoryForOneSample
+from .step import Chunk, LossFn, StepState
 
 log = logging.getLogger("autoaccum")
 
-LossFn = Callable[[Any], Any]
 _WRAPPER_KEYWORDS = (
     "target_batch_size", "micro_batch_size", "memory", "model", "grad_scaler", "max_grad_norm",
-    "shares",
+    "shares", "count_items",
 )
 _NO_BATCH: Any = object()
-_NULL_CONTEXT = contextlib.nullcontext()  # reusable
+_CHECKPOINT_VERSION = 2
+
+
+class MicroBatchSizes(Sequence[int]):
+    """The sizes of a balanced split of ``n`` samples at ``limit``, without building the list
+    (a target of 10**9 at a limit of 1 stays small). Compares equal to the tuple it stands for."""
+
+    __slots__ = ("_limit", "_n", "_sizes")
+
+    def __init__(self, n: int, limit: int | None, sizes: tuple[int, ...] | None = None):
+        self._n, self._limit, self._sizes = n, limit, sizes
+
+    def _count(self) -> tuple[int, int, int]:
+        k = 1 if self._limit is None or self._limit >= self._n else -(-self._n // self._limit)
+        base, extra = divmod(self._n, k) if self._n else (0, 0)
+        return k if self._n else 0, base, extra
+
+    def __len__(self) -> int:
+        return len(self._sizes) if self._sizes is not None else self._count()[0]
+
+    def __getitem__(self, i: Any) -> Any:
+        if self._sizes is not None:
+            return self._sizes[i]
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        k, base, extra = self._count()
+        if i < 0:
+            i += k
+        if not 0 <= i < k:
+            raise IndexError(i)
+        return base + 1 if i < extra else base
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (tuple, list, MicroBatchSizes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        if len(self) <= 16:
+            return repr(tuple(self))
+        return f"({self[0]}, {self[1]}, ..., {self[-1]}: {len(self)} micro-batches)"
 
 
 class Plan(NamedTuple):
@@ -56,45 +108,26 @@ class Plan(NamedTuple):
 
     micro_batch_size: int | None
     accumulation_steps: int
-    micro_batch_sizes: tuple[int, ...]
+    micro_batch_sizes: Sequence[int]
 
 
 class StepRecord(NamedTuple):
     """What one optimizer step did (``opt.history``); memory fields are None without a backend."""
 
-    step: int
+    step: int  # optimizer steps done after this one (the first step is 1)
     samples: int  # this rank's samples in the step
     micro_batch_size: int  # largest micro-batch that ran
     accumulation_steps: int  # micro-batches whose gradients the step used
     oom_events: int  # OOMs recovered from during the step
-    peak_bytes: int | None  # peak allocated during the step
-    free_bytes: int | None  # free at the end of the step
+    peak_bytes: int | None  # peak allocated during the step (inner optimizer step included)
+    free_bytes: int | None  # free at the step's start, before its first micro-batch
     seconds: float  # wall time since the previous step ended (data loading included)
     samples_per_s: float  # samples / seconds, this rank
     compute_seconds: float  # this rank's forward/backward time in the step (no waiting, no data)
 
 
 class StepOutOfMemoryError(RuntimeError):
-    """The inner optimizer's step ran out of memory; parameters may be partly updated."""
-
-
-@dataclass
-class _Chunk:
-    """Samples of the unfinished step that came from one ``step()`` call."""
-
-    samples: FlatBatch
-    loss_fn: LossFn
-    call: int
-    done: int = 0  # samples whose gradient is in .grad
-    # Per micro-batch whose gradient is in .grad: its detached loss (mean or token sum), its item
-    # count (samples, or num_items in token mode) and its size. Combined once per call or step,
-    # never per micro-batch.
-    losses: list[torch.Tensor] = field(default_factory=list)
-    items: list[Any] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)
-
-    def restart(self) -> None:
-        self.done, self.losses, self.items, self.sizes = 0, [], [], []
+    """The inner optimizer's step ran out of memory (or cannot fit); see the message."""
 
 
 class _Oom(NamedTuple):
@@ -103,7 +136,7 @@ class _Oom(NamedTuple):
     message: str
 
 
-class AutoAccumOptimizer(Optimizer):
+class AutoAccumOptimizer(InnerFacade):
     """Wraps an optimizer so that each of its steps sees exactly ``target_batch_size`` samples.
 
     Guarantees:
@@ -113,13 +146,24 @@ class AutoAccumOptimizer(Optimizer):
           ``(loss_sum, num_items)``) of the summed loss divided by the step's total item count,
           whatever the loader batch size and however the samples are cut into micro-batches;
         * no step is applied twice or on partial gradients, also after an out-of-memory error;
-        * bad input raises before anything changes; an error inside ``loss_fn`` leaves the
-          gradients as they were after the last complete ``step()`` call.
+        * after any exception out of ``step()``/``flush()``, ``.grad`` holds exactly the
+          gradients of the samples ``pending_samples - replay_samples`` counts, and every other
+          pending sample is replayed by the next call. The exception's ``autoaccum_consumed``
+          (also ``opt.last_call_consumed``) is how many of the call's samples went into optimizer
+          steps that completed; the rest of the call's samples were dropped, so retrying
+          ``batch[consumed:]`` is exact;
+        * bad input raises before anything changes.
 
-    ``param_groups`` and ``state`` are the inner optimizer's: LR schedulers and checkpoints work as
-    with the inner optimizer. Step hooks registered on the wrapper run on each inner step, so
-    ``opt.register_step_post_hook(lambda *_: scheduler.step())`` advances a scheduler exactly once
-    per optimizer step.
+    ``param_groups``, ``state``, ``defaults`` and the hooks are the inner optimizer's at every
+    moment (see :mod:`autoaccum.facade`): LR schedulers and checkpoints work as with the inner
+    optimizer, also after ``load_state_dict``. ``opt.register_step_post_hook(lambda *_:
+    scheduler.step())`` advances a scheduler exactly once per optimizer step.
+
+    ``count_items(batch_part) -> int`` (token mode, optional) counts the items (tokens) of a
+    slice of a batch on the host. When a step's samples arrive in one call, the step's count is
+    then known before its first backward pass and each micro-batch's ``loss_sum`` is divided by it
+    directly, which rounds as one big batch would (models with float32 internals, such as Llama's
+    RMSNorm, otherwise differ from one big batch by rounding that AdamW amplifies).
     """
 
     def __init__(
@@ -133,13 +177,15 @@ class AutoAccumOptimizer(Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         max_grad_norm: float | None = None,
         shares: str | list[int] = "equal",
+        count_items: Callable[[Any], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_positive_int("target_batch_size", target_batch_size)
         if micro_batch_size is not None:
             _check_positive_int("micro_batch_size", micro_batch_size)
         if max_grad_norm is not None and not (
-            isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
+            isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+            and math.isfinite(max_grad_norm) and max_grad_norm > 0
         ):
             raise ValueError(
                 f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}"
@@ -153,6 +199,8 @@ class AutoAccumOptimizer(Optimizer):
                 f"memory must follow autoaccum.MemoryBackend (free_bytes, allocated_bytes, "
                 f"reset_peak, peak_bytes, release, active), got {type(memory).__name__}"
             )
+        if count_items is not None and not callable(count_items):
+            raise TypeError(f"count_items must be callable, got {type(count_items).__name__}")
         dist_ctx = distributed.context()
         world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx else (1, 0)
         initial = _initial_shares(shares, target_batch_size, world)
@@ -161,374 +209,733 @@ class AutoAccumOptimizer(Optimizer):
             distributed.check_replicated(p for g in inner.param_groups for p in g["params"])
 
         self.optimizer = inner
-        self.defaults = inner.defaults
-        self.param_groups = inner.param_groups
-        self.state = inner.state
-        # Step hooks are shared: hooks registered on the wrapper fire on each real step.
-        self._optimizer_step_pre_hooks = inner._optimizer_step_pre_hooks
-        self._optimizer_step_post_hooks = inner._optimizer_step_post_hooks
-        self._optimizer_state_dict_pre_hooks = inner._optimizer_state_dict_pre_hooks
-        self._optimizer_state_dict_post_hooks = inner._optimizer_state_dict_post_hooks
-        self._optimizer_load_state_dict_pre_hooks = inner._optimizer_load_state_dict_pre_hooks
-        self._optimizer_load_state_dict_post_hooks = inner._optimizer_load_state_dict_post_hooks
         self._zero_grad_profile_name = "Optimizer.zero_grad#AutoAccumOptimizer.zero_grad"
-
         self.target_batch_size = target_batch_size
         self.model = model
         self.grad_scaler = grad_scaler
         self.max_grad_norm = max_grad_norm
-        self.memory = memory if memory is not None else default_backend(self._device())
+        self.count_items = count_items
+        self._refresh_params()
+        self.memory = memory if memory is not None else default_backend(self._param_device)
         self.policy = MicroBatchPolicy(
-            target_batch_size,
+            initial[rank],
             pinned=micro_batch_size,
             planning=self.memory is not None,
-            single_pass_saving=max(p.numel() * p.element_size() for p in self._params()),
+            single_pass_saving=max(p.numel() * p.element_size() for p in self._params),
+            param_bytes=self._param_bytes,
         )
         self.optimizer_steps = 0
         self.oom_events = 0
         self.skipped_steps = 0
         self.last_grad_norm: torch.Tensor | None = None
+        self.last_call_consumed = 0
+        self.outputs: list[dict[str, Any]] = []
         # Distributed: this rank's share of every step, and how "auto" shares are recomputed.
         self.share_schedule = ShareSchedule(initial)
         self.auto_shares = shares == "auto"
         self.share_interval = 10  # steps between "auto" share updates
-        self.share_lookahead = 8  # steps between an update and its use (data-loader prefetch)
+        self.share_lookahead = 1  # least steps between an update and its use
         self.share_min_gain = 0.03  # predicted step-time gain below which shares stay
         self._dist = dist_ctx
         self._rank = rank
-        self._step_size = initial[rank]
-        self._step_seconds = 0.0
+        self._reducer = distributed.GradientReducer()
         self._rates: list[list[list[float]]] = []  # per step, per rank: [samples, seconds]
-        self._in_collective = False
+        self._agreed = False  # this rank entered the current step's agreement
         self._flushed_by_peer = False
         self.history: list[StepRecord] = []
+        self._step = StepState(initial[rank])
+        self._step_seconds = 0.0
+        self._step_ooms = 0
+        self._step_free: int | None = None
+        self._step_budget: int | None = None
+        self._baseline: int | None = None  # allocated bytes between steps
         self._last_step_end: float | None = None
-        self._pending: list[_Chunk] = []
-        self._pending_count = 0  # samples in _pending
-        self._cursor = 0  # index of the first pending chunk not fully accumulated
-        self._needs_replay = False
-        self._calls = 0
         self._last_sizes: tuple[int, ...] | None = None
         self._token_mode: bool | None = None
         self._loss_fn: LossFn | None = None
-        self._grads_touched = False
-        self._step_ooms = 0
-        self._param_device = self._device()
+        self._calls = 0
+        self._call_chunks: list[Chunk] = []
+        self._in_backward = False
+        self._fresh = True  # no step taken or started since construction / load
+        self._sentinel: tuple[torch.Tensor | None, int] | None = None
+        self._warned: set[str] = set()
+        self._retries = 0
 
     # ---------------------------------------------------------------- public API
     @property
     def plan(self) -> Plan:
         limit = self.policy.limit
-        sizes = self._last_sizes or tuple(balanced_split(self._step_size, limit))
+        if self._last_sizes is not None:
+            sizes: Sequence[int] = MicroBatchSizes(sum(self._last_sizes), limit, self._last_sizes)
+        else:
+            sizes = MicroBatchSizes(self._step.size, limit)
         return Plan(limit, len(sizes), sizes)
 
     @property
     def pending_samples(self) -> int:
-        """Samples of the unfinished step (already accumulated or waiting for a replay)."""
-        return self._pending_count
+        """Samples of the unfinished step (accumulated in ``.grad`` or waiting for a replay)."""
+        return self._step.count
+
+    @property
+    def replay_samples(self) -> int:
+        """Pending samples whose gradient is not in ``.grad`` yet; the next call replays them."""
+        return self._step.count - self._step.accumulated
+
+    def __repr__(self) -> str:
+        return (f"AutoAccumOptimizer(target_batch_size={self.target_batch_size}, "
+                f"micro_batch_size={self.policy.limit}, inner={self.optimizer!r})")
 
     def step(self, loss_fn: Any = None, batch: Any = _NO_BATCH) -> Any:  # type: ignore[override]
         """``step(loss_fn, batch)``: accumulate ``batch``, stepping whenever a step is full.
 
-        Returns the mean loss over ``batch`` as a detached tensor (no host sync).
-        ``step()`` / ``step(closure)`` keep ``torch.optim.Optimizer.step``'s meaning: one step of
-        the inner optimizer on the gradients as they are.
+        Returns the mean loss over ``batch`` (token mode: its summed loss over its items) as a
+        detached tensor on the device, with no host sync: a stack and a sum over the call's
+        micro-batch losses, two small ops per call. Auxiliary outputs of a dict-returning
+        ``loss_fn`` are in :attr:`outputs` afterwards (one entry per micro-batch of this call's
+        samples, with its ``num_samples``; each sample in exactly one entry, also after an OOM
+        replay). ``step()`` / ``step(closure)`` keep ``torch.optim.Optimizer.step``'s meaning:
+        one step of the inner optimizer on the gradients as they are.
         """
         if batch is _NO_BATCH:
-            if self._pending:
+            if self._step.count:
                 raise RuntimeError(
                     f"step() without a batch would apply the gradients of an unfinished step "
-                    f"({self.pending_samples} of {self._step_size} samples); call flush() first"
+                    f"({self.pending_samples} of {self._step.size} samples); call flush() first"
                 )
             out = self.optimizer.step(loss_fn)
             self.optimizer_steps += 1
             return out
+        self._calls += 1
+        call = self._calls
+        self.last_call_consumed = 0
+        self._call_chunks = []
         try:
             if not callable(loss_fn):
                 raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
             flat = flatten_batch(batch)
             self._loss_fn = loss_fn
             with self._active():
-                return self._accumulate(loss_fn, flat)
+                loss = self._accumulate(loss_fn, flat, call)
         except BaseException as exc:
-            self._tell_peers(exc)
+            self._fail(call, exc)
             raise
+        self.outputs = [a for c in self._call_chunks for a in c.aux]
+        self._call_chunks = []
+        self._remember_grads()
+        return loss
 
     def flush(self, loss_fn: LossFn | None = None) -> bool:
         """End of data: one step on the samples accumulated so far, normalized by their count.
 
-        A no-op returning False when nothing is pending. ``loss_fn`` is needed only after
-        ``load_state_dict`` restored pending samples and no ``step()`` call followed.
+        A no-op returning False when nothing is pending. Samples restored by ``load_state_dict``
+        (or waiting after a failed call) are replayed first, with their own ``loss_fn`` or, for
+        restored ones, the ``loss_fn`` given here or to the last ``step()``.
         """
-        if not self._pending and self._dist is None:
+        if self._step.empty and self._dist is None:
             return False
-        if not self._pending and self._flushed_by_peer:
+        if self._step.empty and self._flushed_by_peer:
             # This rank's share of the last, partial step was full, so it joined that step from
             # step(); the ranks that were short joined it from flush(). It is done.
             self._flushed_by_peer = False
             return True
+        self._calls += 1
+        self.last_call_consumed = 0
         try:
             with self._active():
-                if self._needs_replay:
-                    fn = loss_fn or self._loss_fn
-                    if fn is None:
-                        raise RuntimeError("flush() must replay samples restored by "
-                                           "load_state_dict: pass the loss_fn")
-                    self._replay(fn)
+                if self._step.needs_replay:
+                    self._replay(loss_fn or self._loss_fn)
                 return self._finish_step(flush=True)
         except BaseException as exc:
-            self._tell_peers(exc)
+            self._fail(self._calls, exc)
             raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the gradients, unless samples of an unfinished step are accumulated in them:
+        then it warns once and leaves them (the step needs them; the wrapper zeroes after each
+        step itself)."""
+        if self._step.accumulated:
+            self._warn_once(
+                "zero_grad",
+                f"zero_grad() was called while {self._step.accumulated} samples of an unfinished "
+                "step are accumulated in .grad; ignored. AutoAccumOptimizer zeroes the gradients "
+                "after every optimizer step itself: drop zero_grad() from the loop.",
+            )
+            return
         self.optimizer.zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
+        self._refresh_params()
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus an ``"autoaccum"`` entry: the plan, the counters
-        and the host-side samples of the unfinished step (replayed after loading)."""
+        and compact copies of the unfinished step's samples (replayed after loading). Loadable
+        with ``torch.load``'s default ``weights_only=True`` when the batches hold only tensors
+        and plain Python values."""
         sd = self.optimizer.state_dict()
         sd["autoaccum"] = {
-            "version": 1,
+            "version": _CHECKPOINT_VERSION,
             "target_batch_size": self.target_batch_size,
             "optimizer_steps": self.optimizer_steps,
             "oom_events": self.oom_events,
             "skipped_steps": self.skipped_steps,
             "token_mode": self._token_mode,
-            "last_sizes": self._last_sizes,
+            "last_sizes": list(self._last_sizes) if self._last_sizes else None,
             "policy": self.policy.state_dict(),
             "shares": self.share_schedule.state_dict(),
-            "pending": [c.samples.unflatten() for c in self._pending],
+            "step_size": self._step.size,
+            "pending": [c.flat.to_checkpoint() for c in self._step.chunks],
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Atomic: a bad checkpoint raises and changes nothing.
+
+        Pending samples are replayed into zeroed gradients by the next ``step()``/``flush()``,
+        whatever ``.grad`` held (a load mid-step into the same live objects, into fresh ones, or
+        after gradients were copied all continue exactly), and the restored plan needs no probes.
+        """
         state_dict = dict(state_dict)
         own = state_dict.pop("autoaccum", None)
-        if own is not None and own["target_batch_size"] != self.target_batch_size:
-            raise ValueError(
-                f"checkpoint was made with target_batch_size={own['target_batch_size']}, this "
-                f"optimizer has {self.target_batch_size}; resuming would change every step"
-            )
+        restored: tuple[Any, ...] | None = None
+        if own is not None:
+            restored = self._parse_own_state(own)
         self.optimizer.load_state_dict(state_dict)
-        if own is None:
+        self._refresh_params()
+        self._fresh = True
+        if restored is None:
             return
+        policy, schedule, pending, step_size, last_sizes = restored
         self.optimizer_steps = own["optimizer_steps"]
         self.oom_events = own["oom_events"]
         self.skipped_steps = own["skipped_steps"]
         self._token_mode = own["token_mode"]
-        self._last_sizes = tuple(own["last_sizes"]) if own["last_sizes"] else None
-        self.policy.load_state_dict(own["policy"])
-        self.share_schedule.load_state_dict(own["shares"])
-        self._pending = [
-            _Chunk(flatten_batch(b), _replay_needs_loss_fn, call=-1) for b in own["pending"]
-        ]
-        self._pending_count = sum(c.samples.size for c in self._pending)
-        self._cursor = 0
-        self._needs_replay = bool(self._pending)
+        self._last_sizes = last_sizes
+        self.policy = policy
+        self.share_schedule = schedule
+        self._step = StepState(step_size)
+        for flat in pending:
+            self._step.add(Chunk(flat, _replay_needs_loss_fn, call=-1))
+        self._count_chunks(self._step.chunks)
+        self.optimizer.zero_grad(set_to_none=True)  # pending samples are replayed into zeros
+        self._sentinel = None
 
-    def __repr__(self) -> str:
-        return (
-            f"AutoAccumOptimizer(target_batch_size={self.target_batch_size}, "
-            f"plan={self.plan}, optimizer={self.optimizer!r})"
-        )
+    # ---------------------------------------------------------------- internals: setup
+    def _refresh_params(self) -> None:
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not self._params:
+            raise ValueError("the optimizer has no parameters")
+        self._trainable = [p for p in self._params if p.requires_grad]
+        self._param_device = self._params[0].device
+        self._param_bytes = sum(p.numel() * p.element_size() for p in self._params)
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in self._trainable)
+        self._state_complete = False
 
-    # ---------------------------------------------------------------- the step driver
-    def _device(self) -> torch.device:
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        raise ValueError("the optimizer has no parameters")
-
-    def _params(self) -> Iterator[torch.Tensor]:
-        for group in self.param_groups:
-            yield from group["params"]
+    def _parse_own_state(self, own: dict[str, Any]) -> tuple[Any, ...]:
+        """Everything of the ``"autoaccum"`` entry, validated into new objects (nothing set)."""
+        try:
+            version = own.get("version", 1)
+            if own["target_batch_size"] != self.target_batch_size:
+                raise ValueError(
+                    f"checkpoint was made with target_batch_size={own['target_batch_size']}, "
+                    f"this optimizer has {self.target_batch_size}; resuming would change every "
+                    "step"
+                )
+            policy = MicroBatchPolicy(
+                self.policy.cap, pinned=self.policy.pinned, planning=self.memory is not None,
+                margin=self.policy.margin, final_margin=self.policy.final_margin,
+                grow_after=self.policy.grow_after, replan_tolerance=self.policy.replan_tolerance,
+                single_pass_saving=self.policy.single_pass_saving,
+                param_bytes=self.policy.param_bytes,
+            )
+            policy.load_state_dict(own["policy"])
+            world = self._dist.world_size if self._dist is not None else 1
+            schedule = ShareSchedule(equal_shares(self.target_batch_size, world))
+            schedule.load_state_dict(own["shares"])
+            if version < 2:
+                pending = [flatten_batch(b) for b in own["pending"]]
+                step_size = schedule.shares_for(own["optimizer_steps"])[self._rank]
+            else:
+                pending = [restore_batch(p) for p in own["pending"]]
+                step_size = int(own["step_size"])
+            last_sizes = tuple(own["last_sizes"]) if own["last_sizes"] else None
+            for key in ("optimizer_steps", "oom_events", "skipped_steps"):
+                _check_non_negative_int(key, own[key])
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"the checkpoint's 'autoaccum' entry is malformed ({exc!r}); "
+                             "expected the output of AutoAccumOptimizer.state_dict()") from exc
+        if sum(f.size for f in pending) > step_size:
+            raise ValueError(f"the checkpoint holds {sum(f.size for f in pending)} pending "
+                             f"samples for a step of {step_size}")
+        return policy, schedule, pending, step_size, last_sizes
 
     def _resident(self) -> Iterator[torch.Tensor]:
-        for p in self._params():
+        for p in self._params:
             yield p
             if p.grad is not None:
                 yield p.grad
-        for st in self.state.values():
+        for st in self.optimizer.state.values():
             for v in st.values():
                 if isinstance(v, torch.Tensor):
                     yield v
+        yield from self._reducer.buffers()
 
     def _active(self) -> contextlib.AbstractContextManager[None]:
         if self.memory is None:
             return contextlib.nullcontext()
         return self.memory.active(self._resident())
 
-    def _accumulate(self, loss_fn: LossFn, flat: FlatBatch) -> torch.Tensor:
-        self._calls += 1
-        call = self._calls
-        self._grads_touched = False
-        first_new = len(self._pending)
-        finished: list[_Chunk] = []
-        try:
-            if self._needs_replay:
-                self._replay(loss_fn)
-            offset = 0
-            while offset < flat.size:
-                if not self._pending:
-                    self._start_step()
-                take = min(flat.size - offset, self._step_size - self._pending_count)
-                self._pending.append(_Chunk(flat.slice(offset, offset + take), loss_fn, call))
-                self._pending_count += take
-                offset += take
+    # ---------------------------------------------------------------- internals: a call
+    def _accumulate(self, loss_fn: LossFn, flat: FlatBatch, call: int) -> torch.Tensor:
+        self._check_grads_untouched()
+        step = self._step
+        if step.needs_replay:
+            self._replay(loss_fn)
+        offset = 0
+        while offset < flat.size:
+            if step.empty:
+                self._start_step()
+            take = min(flat.size - offset, step.size - step.count)
+            part = flat.slice(offset, offset + take)
+            chunk = Chunk(part, loss_fn, call,
+                          self._count(part) if self.count_items is not None else None)
+            step.add(chunk)
+            self._call_chunks.append(chunk)
+            offset += take
+            if self.policy.probing or step.cursor != len(step.chunks) - 1:
                 self._drain()
-                if self._pending_count == self._step_size:
-                    finished.extend(c for c in self._pending if c.call == call)
-                    self._finish_step()
-                    first_new, self._grads_touched = 0, False
-        except BaseException:
-            self._rollback(call, first_new)
-            raise
-        ours = finished + [c for c in self._pending if c.call == call]
-        losses = torch.stack([x for c in ours for x in c.losses])
-        items = sum(x for c in ours for x in c.items)
-        if self._token_mode:
-            return losses.sum() / items
-        return _weighted_mean(losses, [s for c in ours for s in c.sizes], items)
+            else:
+                self._run_fast(chunk)
+            self._check_call_items(chunk)
+            if step.full:
+                self._finish_step()
+                self.last_call_consumed = offset
+        return self._call_loss()
 
-    def _replay(self, loss_fn: LossFn) -> None:
-        """Recompute the gradients of pending samples restored by load_state_dict (or left by a
-        failed call) with ``loss_fn``."""
-        for chunk in self._pending:
-            chunk.loss_fn = loss_fn
+    def _call_loss(self) -> torch.Tensor:
+        chunks = self._call_chunks
+        losses = torch.stack([x for c in chunks for x in c.losses])
+        if self._token_mode:
+            return losses.sum() / sum(x for c in chunks for x in c.items)
+        sizes = [s for c in chunks for s in c.sizes]
+        return _weighted_mean(losses, sizes, sum(sizes))
+
+    def _fail(self, call: int, exc: BaseException) -> None:
+        """Restore the invariant after ``exc``: drop what this call brought to the unfinished
+        step; if a partial gradient may be in ``.grad``, clear it and mark the rest for replay.
+        Then tell the other ranks and annotate the exception."""
+        step = self._step
+        partial = self._in_backward or any(
+            c.done for c in step.chunks if c.call == call
+        )
+        step.drop_call(call)
+        self._in_backward = False
+        if partial:
+            step.rewind(self._clear_grads)
+        self._call_chunks = []
+        self.outputs = []
+        self._tell_peers(exc)
+        consumed = self.last_call_consumed
+        with contextlib.suppress(Exception):
+            exc.autoaccum_consumed = consumed  # type: ignore[attr-defined]
+            note = (f"autoaccum: {consumed} of this call's samples went into optimizer steps "
+                    "that completed; its other samples were dropped (retry with the rest)")
+            add_note = getattr(exc, "add_note", None)
+            if add_note is not None and consumed:
+                add_note(note)
+        self._remember_grads()
+
+    def _clear_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _count(self, part: FlatBatch) -> int:
+        assert self.count_items is not None
+        n = self.count_items(part.unflatten())
+        value = int(n.item() if isinstance(n, torch.Tensor) else n)
+        if value < 0:
+            raise ValueError(f"count_items returned {value}; expected a count >= 0")
+        return value
+
+    def _count_chunks(self, chunks: list[Chunk]) -> None:
+        if self.count_items is not None:
+            for c in chunks:
+                c.counted = self._count(c.flat)
+
+    def _replay(self, loss_fn: LossFn | None) -> None:
+        """Recompute the gradients of pending samples that are not in ``.grad``."""
+        for chunk in self._step.chunks:
+            if chunk.loss_fn is _replay_needs_loss_fn:
+                if loss_fn is None:
+                    raise RuntimeError("pending samples restored by load_state_dict must be "
+                                       "replayed: pass the loss_fn to flush() or call step()")
+                chunk.loss_fn = loss_fn
+            chunk.check_unchanged()
         self._drain()
 
+    def _check_grads_untouched(self) -> None:
+        """Gradients of accumulated samples changed between calls (``model.zero_grad()``,
+        ``clip_grad_norm_`` in the loop, ...): warn once and replay them, so nothing is lost."""
+        if self._sentinel is None or not self._step.accumulated:
+            return
+        grad, version = self._sentinel
+        now = self._trainable[0].grad if self._trainable else None
+        if now is grad and (now is None or now._version == version):
+            return
+        self._warn_once(
+            "grads-touched",
+            "the gradients of the unfinished step were changed between step() calls (zero_grad, "
+            "clip_grad_norm_ or another in-place change); AutoAccumOptimizer replays the step's "
+            "samples to restore them. Drop backward/zero_grad/clip_grad_norm_ from the loop: use "
+            "max_grad_norm= to clip once per step on the full gradient.",
+        )
+        self._step.rewind(self._clear_grads)
+
+    def _remember_grads(self) -> None:
+        if self._trainable:
+            g = self._trainable[0].grad
+            self._sentinel = (g, g._version if g is not None else 0)
+
+    def _check_call_items(self, chunk: Chunk) -> None:
+        if self._token_mode and chunk.items and any(isinstance(x, torch.Tensor)
+                                                    for x in chunk.items):
+            bad = out_mod.bad_item_counts(chunk.items)
+            if bad is not None:
+                raise ValueError(f"{bad}; expected finite counts >= 0 (the call's samples are "
+                                 "dropped, earlier samples stay)")
+
+    # ---------------------------------------------------------------- internals: a step
     def _start_step(self) -> None:
-        """Once per step, before its first micro-batch: this rank's share, free memory."""
-        self._step_size = self.share_schedule.shares_for(self.optimizer_steps)[self._rank]
-        self.policy.set_cap(self._step_size)
+        """Once per step, before its first micro-batch: this rank's share, the memory budget."""
+        step = self._step
+        step.size = self.share_schedule.shares_for(self.optimizer_steps)[self._rank]
+        self.policy.set_cap(step.size)
         self._step_seconds = 0.0
+        self._step_ooms = 0
+        self._agreed = False
         if self._last_step_end is None:
             self._last_step_end = time.perf_counter()
+        if self._fresh:
+            self._fresh = False
+            self._clear_grads()  # a step starts from zero gradients, whatever the user left
         if self.memory is None:
             return
+        free = self.memory.free_bytes()
         self.memory.reset_peak()
-        if self.policy.probing:
+        if self._baseline is None:
+            self._baseline = self.memory.allocated_bytes()
+        self._step_free = free
+        self._step_budget = free - self._grad_bytes - self._reserve_bytes()
+        if self.optimizer_steps == 0 and self.policy.probing:
+            self._check_inner_step_fits(free)
+        self.policy.observe_start(self._step_budget)
+
+    def _reserve_bytes(self) -> int:
+        """Optimizer state the inner optimizer will allocate at its first step."""
+        if self._state_complete:
+            return 0
+        inner = self.optimizer
+        local = getattr(inner, "optim", None)  # ZeroRedundancyOptimizer: this rank's shard
+        if isinstance(local, Optimizer) and hasattr(inner, "_partition_parameters"):
+            inner, params = local, [p for g in local.param_groups for p in g["params"]]
+        else:
+            params = self._params
+        buffers = state_buffers_per_param(inner)
+        missing = [p for p in params if p.requires_grad and not self.optimizer.state.get(p)
+                   and not inner.state.get(p)]
+        if not missing and self.optimizer_steps > 0:
+            self._state_complete = True
+        return sum(buffers * p.numel() * p.element_size() for p in missing)
+
+    def _check_inner_step_fits(self, free: int) -> None:
+        """Before training: gradients, optimizer state and the inner step's temporaries must fit,
+        or no micro-batch size can help."""
+        state = self._reserve_bytes()
+        temps = step_temporaries(self.optimizer, self._trainable)
+        need = self._grad_bytes + state + temps
+        if need <= free:
             return
-        missing_grads = sum(
-            p.numel() * p.element_size()
-            for p in self._params()
-            if p.requires_grad and p.grad is None
+        mib = 2**20
+        raise StepOutOfMemoryError(
+            f"the optimizer step cannot fit: it needs {need / mib:.1f} MiB (gradients "
+            f"{self._grad_bytes / mib:.1f} MiB, {type(self.optimizer).__name__} state "
+            f"{state / mib:.1f} MiB, its step's temporaries {temps / mib:.1f} MiB) and "
+            f"{free / mib:.1f} MiB is free before any micro-batch. No micro-batch size can fix "
+            "this. Remedies: fused=True (no temporaries) or foreach=False (one parameter's "
+            "worth), an optimizer with less state (SGD, Adafactor), bf16 weights, a smaller "
+            "model, or sharding (ZeRO-1, FSDP2)."
         )
-        self.policy.observe_free(self.memory.free_bytes(), self._reserve_bytes() + missing_grads)
 
-    def _rollback(self, call: int, first_new: int) -> None:
-        """Forget this call's samples of the unfinished step and restore the earlier ones'
-        gradients (by replaying them) so the failed call leaves no trace."""
-        del self._pending[first_new:]
-        self._pending_count = sum(c.samples.size for c in self._pending)
-        self._cursor = min(self._cursor, len(self._pending))
-        if not self._grads_touched:
-            return  # no backward ran in this call: .grad is as it was
-        self.optimizer.zero_grad(set_to_none=True)
-        self._restart_step()
+    def _finish_step(self, flush: bool = False) -> bool:
+        """All of the step's samples are in .grad: agree across ranks, normalize, reduce, clip,
+        step once, zero. Returns False when no rank had a sample (a distributed flush)."""
+        step = self._step
+        chunks = step.chunks
+        items = sum(x for c in chunks for x in c.items)
+        samples = step.count
+        denominator = step.denominator if step.denominator is not None else step.size
+        table = None
+        peak = self.memory.peak_bytes() if self.memory is not None else None
+        if self._dist is not None:
+            self._materialize_grads()  # every rank reduces the same tensors
+            self._reducer.prepare([p.grad for p in self._trainable])  # type: ignore[misc]
+            table = self._agree(True, items, samples, flush=flush)
+            self._flushed_by_peer = not flush and bool(table[:, distributed.FLUSH].any())
+            total: Any = float(table[:, distributed.ITEMS].sum())
+            if total == 0:
+                step.take()
+                return False
+        else:
+            total = items
+            if not bool(total > 0):  # a host sync only for tensor counts, once per step
+                raise ValueError(f"the step's num_items sum to {float(total)}; expected > 0 "
+                                 "(every item of the step was masked out?)")
+        finished = step.take()
+        self.last_call_consumed += sum(c.size for c in finished if c.call == self._calls)
         try:
-            self._drain()
-        except Exception:
-            self._needs_replay = True  # replay again at the next call
+            self._apply(total, denominator)
+        finally:
+            self._clear_grads()
+            self._agreed = False
+        self.optimizer_steps += 1
+        self._last_sizes = tuple(s for c in finished for s in c.sizes)
+        self._end_of_step(samples, peak)
+        if table is not None:
+            self._update_shares(table)
+        return True
 
-    def _restart_step(self) -> None:
-        """Mark every pending sample as not accumulated (after .grad was cleared)."""
-        for chunk in self._pending:
-            chunk.restart()
-        self._cursor = 0
+    def _apply(self, total: Any, denominator: int) -> None:
+        """Normalize, reduce (multi-rank), unscale, clip and step once. Any failure here ends the
+        step (its samples count as consumed; parameters may be partly updated); in a multi-rank
+        job every rank learns of it in the closing confirmation."""
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        error: BaseException | None = None
+        try:
+            # .grad holds (sum of this rank's contributions) / denominator; make it this rank's
+            # part of the global mean (a no-op for a full single-process step in mean mode).
+            if grads and not (isinstance(total, (int, float)) and total == denominator):
+                if isinstance(total, torch.Tensor):
+                    factor = (denominator / total.to(torch.float64)).to(grads[0].dtype)
+                    torch._foreach_mul_(grads, factor.to(grads[0].device))
+                else:
+                    torch._foreach_mul_(grads, denominator / total)
+        except BaseException as exc:
+            error = exc
+        if self._dist is not None:
+            error = error or self._reducer.reduce(self._dist, grads)  # type: ignore[arg-type]
+        if error is None:
+            try:
+                self._inner_step()
+            except BaseException as exc:
+                error = exc
+        if error is not None and oom_mod.is_oom(error):
+            self.oom_events += 1
+            message = oom_mod.describe(error)
+            error = StepOutOfMemoryError(
+                f"the optimizer step (normalization, reduction, clipping or the inner step) ran "
+                f"out of memory; parameters may be partly updated and the step is not retried: "
+                f"{message}"
+            )
+        if self._dist is not None:
+            distributed.confirm(self._dist, error, f"optimizer step {self.optimizer_steps + 1}")
+        elif error is not None:
+            raise error
+
+    def _inner_step(self) -> None:
+        inner = self.optimizer
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(inner)
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable,
+                                                                 self.max_grad_norm)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(inner)
+            if self.grad_scaler.is_enabled():
+                found = self.grad_scaler._found_inf_per_device(inner).values()
+                self.skipped_steps += bool(sum(v.item() for v in found))
+            self.grad_scaler.update()
+        else:
+            inner.step()
+
+    def _end_of_step(self, samples: int, peak: int | None) -> None:
+        """Record the step and tell the policy what it measured."""
+        now = time.perf_counter()
+        seconds = now - (self._last_step_end or now)
+        self._last_step_end = now
+        sizes = self._last_sizes or (0,)
+        largest = max(sizes)
+        measured: float | None = None
+        thrash = False
+        if self.memory is not None and peak is not None:
+            if self._baseline is not None:
+                measured = float(peak - self._baseline - self._grad_bytes)
+            # Resident bytes between steps (gradients cleared): the next step's baseline.
+            self._baseline = self.memory.allocated_bytes()
+            retries = getattr(self.memory, "alloc_retries", None)
+            if retries is not None:
+                now_retries = int(retries())
+                thrash = now_retries > self._retries and self._step_ooms == 0
+                self._retries = now_retries
+        self.history.append(StepRecord(
+            step=self.optimizer_steps,
+            samples=samples,
+            micro_batch_size=largest,
+            accumulation_steps=len(sizes),
+            oom_events=self._step_ooms,
+            peak_bytes=peak,
+            free_bytes=self._step_free,
+            seconds=seconds,
+            samples_per_s=samples / seconds if seconds > 0 else float("nan"),
+            compute_seconds=self._step_seconds,
+        ))
+        self.policy.end_of_step(largest, measured, self._step_budget, self._step_ooms > 0, thrash)
+
+    # ---------------------------------------------------------------- internals: micro-batches
+    def _denominator(self) -> int:
+        """What this step's micro-batch losses are divided by; fixed at its first backward."""
+        step = self._step
+        if step.denominator is None:
+            d = step.size
+            if self._token_mode and self.count_items is not None and step.full:
+                known = sum(c.counted or 0 for c in step.chunks)
+                if known > 0:
+                    d = known
+            step.denominator = d
+        return step.denominator
+
+    def _run_fast(self, chunk: Chunk) -> None:
+        """The settled path: one tight loop over the chunk's micro-batches, checks on the first
+        one only; on an OOM it hands over to the full path, which recovers."""
+        limit = self.policy.limit
+        n = chunk.size
+        sizes = balanced_split(n, limit)
+        parts = chunk.flat.split(sizes) if len(sizes) > 1 else [list(chunk.flat.leaves)]
+        rebuild = chunk.flat.rebuild
+        device = self._param_device
+        move = chunk.flat.device != device
+        tensors = chunk.flat.tensors
+        loss_fn = chunk.loss_fn
+        scaler = self.grad_scaler
+        failure: _Oom | None = None
+        started = time.perf_counter()
+        form = -1
+        token = False
+        den = 1
+        with self._sync_context():
+            try:
+                for leaves, size in zip(parts, sizes):
+                    if move:
+                        for i in tensors:
+                            leaves[i] = to_device(leaves[i], device)
+                    out = loss_fn(rebuild(leaves))
+                    if form < 0:
+                        form = out_mod.form_of(out)
+                        loss, items, aux = self._read_checked(out, form)
+                        token = bool(self._token_mode)
+                        den = self._denominator()
+                    else:
+                        loss, items, aux = out_mod.read(out, form)
+                    # Token mode divides by the step's count as one big batch would; mean mode
+                    # weights by the micro-batch's share of the step, as a hand-written loop does.
+                    scaled = loss / den if token else loss * (size / den)
+                    if scaler is not None:
+                        scaled = scaler.scale(scaled)
+                    self._in_backward = True
+                    scaled.backward()
+                    self._in_backward = False
+                    chunk.record(loss, items, size, aux)
+            except BaseException as exc:
+                if not oom_mod.is_oom(exc):
+                    raise
+                failure = _Oom(size, "backward" if self._in_backward else "forward",
+                               oom_mod.describe(exc))
+        self._step_seconds += time.perf_counter() - started
+        if failure is not None:  # out of the except block: the failed frames are gone
+            self._in_backward = False
+            self._recover(failure)
+            self._drain()
+
+    def _read_checked(self, out: Any, form: int) -> out_mod.Output:
+        output = out_mod.read(out, form)
+        token = form in (out_mod.PAIR,) or (form in (out_mod.DICT, out_mod.MAPPING)
+                                            and output.items is not None)
+        out_mod.check(output, token)
+        if self._token_mode is not token:
+            self._set_mode(token)
+        return output
 
     def _drain(self) -> None:
-        """Run forward and backward for every pending sample whose gradient is not in .grad."""
-        self._needs_replay = False
+        """The full path: forward and backward for every pending sample not yet in ``.grad``,
+        one micro-batch at a time, probing memory and recovering from OOM."""
         started = time.perf_counter()
-        pending = self._pending
+        step = self._step
         while True:
-            while self._cursor < len(pending) and (
-                pending[self._cursor].done == pending[self._cursor].samples.size
-            ):
-                self._cursor += 1
-            if self._cursor == len(pending):
+            todo = step.advance()
+            if todo is None:
                 if self.auto_shares:  # time the work, not the queueing
                     if self._param_device.type == "cuda":
                         torch.cuda.synchronize(self._param_device)
                     getattr(self.memory, "synchronize", _no_op)()
                 self._step_seconds += time.perf_counter() - started
                 return
-            todo = pending[self._cursor]
-            remaining = todo.samples.size - todo.done
-            probing = self.policy.probing
+            remaining = todo.size - todo.done
+            probing = self.policy.probing and self.memory is not None
             size = self._next_size(remaining, probing)
-            last = (
-                self._cursor == len(pending) - 1
-                and size == remaining
-                and self._pending_count == self._step_size
-            )
-            failure = self._try_micro_step(todo, size, last, probing)
+            failure = self._try_micro_step(todo, size, probing)
             if failure is not None:  # out of the except block: the failed frames are gone
                 self._recover(failure)
 
     def _next_size(self, remaining: int, probing: bool) -> int:
         limit = self.policy.limit
         if probing:
-            free = self.memory.free_bytes() if self.memory is not None else 0
-            size = min(remaining, self.policy.probe_size(free))
+            size = min(remaining, self.policy.probe_size(self._probe_budget()))
             return min(size, limit) if limit is not None else size
         return first_split(remaining, limit)
 
-    def _try_micro_step(self, chunk: _Chunk, size: int, last: bool, probing: bool) -> _Oom | None:
-        phase = "forward"
-        probing = probing and self.memory is not None
+    def _probe_budget(self) -> int:
+        assert self.memory is not None
+        return self.memory.free_bytes() - self._reserve_bytes() - self._missing_grad_bytes()
+
+    def _missing_grad_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._trainable if p.grad is None)
+
+    def _try_micro_step(self, chunk: Chunk, size: int, probing: bool) -> _Oom | None:
+        self._in_backward = False
         try:
             if probing:
                 assert self.memory is not None
                 self._materialize_grads()
                 baseline = self.memory.allocated_bytes()
                 self.memory.reset_peak()
-            micro = chunk.samples.micro(chunk.done, chunk.done + size, self._param_device)
-            with self._sync_context(last):  # DDP decides in forward whether backward syncs
-                loss, items, token = self._forward(chunk.loss_fn, micro, size)
-                phase = "backward"
-                self._grads_touched = True
-                scaled = loss * ((1 if token else size) / self._step_size)
+            micro = chunk.flat.micro(chunk.done, chunk.done + size, self._param_device)
+            with self._sync_context():
+                out = chunk.loss_fn(micro)
+                output = self._read_checked(out, out_mod.form_of(out))
+                den = self._denominator()
+                scaled = output.loss / den if self._token_mode else output.loss * (size / den)
                 if self.grad_scaler is not None:
                     scaled = self.grad_scaler.scale(scaled)
+                self._in_backward = True
                 scaled.backward()
+                self._in_backward = False
         except BaseException as exc:
             if not oom_mod.is_oom(exc):
                 raise
+            phase = "backward" if self._in_backward else "forward"
+            self._in_backward = False
             return _Oom(size, phase, oom_mod.describe(exc))
-        chunk.losses.append(loss.detach())
-        chunk.items.append(items)
-        chunk.done += size
-        chunk.sizes.append(size)
+        chunk.record(output.loss, output.items, size, output.aux)
         if probing:
             assert self.memory is not None
             peak = self.memory.peak_bytes() - baseline
-            del micro, loss, scaled
-            self.policy.record_probe(size, peak, self.memory.free_bytes(), self._reserve_bytes())
+            del micro, out, output, scaled
+            self.policy.record_probe(size, peak, self._probe_budget())
         return None
-
-    def _forward(self, loss_fn: LossFn, micro: Any, size: int) -> tuple[torch.Tensor, Any, bool]:
-        """Run ``loss_fn``; return the loss, its item count and whether it is token mode.
-
-        Backward weights make ``.grad`` hold (sum of per-sample or per-item losses) / step size;
-        the step rescales by step size / total items, exactly 1 for full steps in mean mode.
-        """
-        out = loss_fn(micro)
-        token = isinstance(out, tuple) and len(out) == 2
-        loss, items = out if token else (out, size)
-        _check_scalar_loss(loss, "loss_sum" if token else "loss")
-        if token:
-            _check_items(items)
-        if self._token_mode is not token:
-            self._set_mode(token)
-        return loss, items, token
 
     def _set_mode(self, token: bool) -> None:
         if self._token_mode is None:
+            if not token and self.count_items is not None:
+                raise ValueError("count_items= counts items for token mode, but loss_fn returned "
+                                 "a mean loss; return (loss_sum, num_items) or drop count_items")
             self._token_mode = token
         elif self._token_mode != token:
             raise ValueError(
@@ -536,31 +943,22 @@ class AutoAccumOptimizer(Optimizer):
                 "one optimizer needs one mode for every step"
             )
 
-    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        """DDP's own gradient sync runs only on the last micro-batch of a single-process step;
-        in a multi-rank job every micro-batch runs under ``no_sync`` and the step reduces the
-        gradients itself once all ranks agree (a backward OOM can then never strand a peer in
-        DDP's all-reduce)."""
+    def _sync_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Every micro-batch runs under DDP's ``no_sync``: the step reduces the gradients itself
+        once all ranks agree (multi-rank), or needs no reduction at all (one rank). A backward
+        OOM can then never leave DDP's reducer waiting for an interrupted reduction."""
         ddp = self.model
-        if ddp is None or (last and self._dist is None) or not hasattr(ddp, "no_sync"):
-            return _NULL_CONTEXT
+        if ddp is None or not hasattr(ddp, "no_sync"):
+            return contextlib.nullcontext()
         return ddp.no_sync()  # type: ignore[operator]
 
     def _materialize_grads(self) -> None:
-        """Allocate gradients before a probe so its peak counts the same resident bytes as every
-        later micro-batch (adding into a zero gradient gives exactly the gradient)."""
-        for p in self._params():
-            if p.requires_grad and p.grad is None:
+        """Allocate missing gradients as zeros (adding into a zero gradient gives exactly the
+        gradient): before a probe, so its peak counts the same resident bytes as every later
+        micro-batch, and before a multi-rank reduction, so every rank reduces the same tensors."""
+        for p in self._trainable:
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
-
-    def _reserve_bytes(self) -> int:
-        """Optimizer state the inner optimizer will allocate at its first step."""
-        buffers = state_buffers_per_param(self.optimizer)
-        return sum(
-            buffers * p.numel() * p.element_size()
-            for p in self._params()
-            if p.requires_grad and not self.state.get(p)
-        )
 
     def _recover(self, failure: _Oom) -> None:
         self.oom_events += 1
@@ -569,7 +967,7 @@ class AutoAccumOptimizer(Optimizer):
         free = self.memory.free_bytes() if self.memory is not None else None
         free_txt = f"{free / 2**20:.0f} MiB" if free is not None else "unknown"
         try:
-            new = self.policy.on_oom(failure.size, free, failure.message)
+            new = self.policy.on_oom(failure.size, self._step_budget, failure.message)
         except OutOfMemoryForOneSample:
             raise self._one_sample_error(failure, free) from None
         log.warning(
@@ -579,8 +977,7 @@ class AutoAccumOptimizer(Optimizer):
         )
         if failure.phase == "backward":
             # .grad holds part of a micro-batch: start the step's accumulation over.
-            self.optimizer.zero_grad(set_to_none=True)
-            self._restart_step()
+            self._step.rewind(self._clear_grads)
 
     def _one_sample_error(self, failure: _Oom, free: int | None) -> torch.OutOfMemoryError:
         model = self.policy.memory_model
@@ -593,127 +990,38 @@ class AutoAccumOptimizer(Optimizer):
             f"Last error: {failure.message}"
         )
 
-    def _finish_step(self, flush: bool = False) -> bool:
-        """All of the step's samples are in .grad: agree across ranks, normalize, reduce, clip,
-        step once, zero. Returns False when no rank had a sample (a distributed flush)."""
-        chunks, self._pending = self._pending, []
-        self._pending_count, self._cursor = 0, 0
-        items = sum(x for c in chunks for x in c.items)
-        samples = sum(c.samples.size for c in chunks)
-        if self._dist is not None:
-            table = self._agree(True, items, samples, flush=flush)
-            self._flushed_by_peer = not flush and bool(table[:, distributed.FLUSH].any())
-            total: Any = float(table[:, distributed.ITEMS].sum())
-            if total == 0:
-                return False
-        else:
-            total = items
-        if isinstance(total, torch.Tensor) and not bool(total > 0):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise ValueError(f"the step's num_items sum to {total.item()}; expected > 0")
-        if self._dist is not None:
-            self._materialize_grads()  # every rank reduces the same tensors
-        grads = [p.grad for p in self._params() if p.grad is not None]
-        # .grad holds (sum of this rank's contributions) / its step size; make it this rank's
-        # part of the global mean (a no-op for a full single-process step in mean mode).
-        if grads and not (isinstance(total, int) and total == self._step_size):
-            if isinstance(total, torch.Tensor):
-                factor: Any = (self._step_size / total.to(torch.float64)).to(grads[0].dtype)
-            else:
-                factor = self._step_size / total
-            torch._foreach_mul_(grads, factor)
-        if self._dist is not None:
-            distributed.reduce_gradients(self._dist, grads)
-        self._apply(self.optimizer)
-        self.optimizer_steps += 1
-        self._last_sizes = tuple(s for c in chunks for s in c.sizes)
-        self.optimizer.zero_grad(set_to_none=True)
-        free = self.memory.free_bytes() if self.memory is not None else None
-        self._record(samples, free)
-        self.policy.end_of_step(free, had_oom=self._step_ooms > 0)
-        self._step_ooms = 0
-        if self._dist is not None:
-            self._update_shares(table)
-        return True
-
-    def _record(self, samples: int, free: int | None) -> None:
-        now = time.perf_counter()
-        seconds = now - (self._last_step_end or now)
-        self._last_step_end = now
-        sizes = self._last_sizes or (0,)
-        self.history.append(StepRecord(
-            step=self.optimizer_steps,
-            samples=samples,
-            micro_batch_size=max(sizes),
-            accumulation_steps=len(sizes),
-            oom_events=self._step_ooms,
-            peak_bytes=self.memory.peak_bytes() if self.memory is not None else None,
-            free_bytes=free,
-            seconds=seconds,
-            samples_per_s=samples / seconds if seconds > 0 else float("nan"),
-            compute_seconds=self._step_seconds,
-        ))
-
-    def _apply(self, inner: Optimizer) -> None:
-        """Unscale, clip and step the inner optimizer once; an OOM here is never retried."""
-        if self.grad_scaler is not None:
-            self.grad_scaler.unscale_(inner)
-        if self.max_grad_norm is not None:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
-                list(self._params()), self.max_grad_norm
-            )
-        try:
-            if self.grad_scaler is not None:
-                self.grad_scaler.step(inner)
-                if self.grad_scaler.is_enabled():
-                    found = self.grad_scaler._found_inf_per_device(inner).values()
-                    self.skipped_steps += bool(sum(v.item() for v in found))
-                self.grad_scaler.update()
-            else:
-                inner.step()
-        except BaseException as exc:
-            if not oom_mod.is_oom(exc):
-                raise
-            message = oom_mod.describe(exc)
-        else:
-            return
-        self.oom_events += 1
-        raise StepOutOfMemoryError(
-            f"the inner optimizer's step ran out of memory; parameters may be partly updated "
-            f"and the step is not retried: {message}"
-        )
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+            log.warning(message)
 
     # ---------------------------------------------------------------- distributed
     def _agree(
         self, ok: bool, items: Any, samples: int, message: str | None = None, flush: bool = False
     ) -> torch.Tensor:
-        """The step's one small collective: every rank's status, items and speed."""
+        """The step's agreement: every rank's status, items, speed and sampler position."""
         assert self._dist is not None
-        row = [float(ok), items, self._step_seconds, samples, float(flush)]
-        self._in_collective = True
-        try:
-            table = distributed.agree(self._dist, row)
-            failed = [r for r in range(self._dist.world_size) if table[r, distributed.OK] == 0]
-            if failed:
-                messages = distributed.report_failure(self._dist, message)
-                if ok:
-                    details = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
-                    raise distributed.PeerFailedError(
-                        f"optimizer step {self.optimizer_steps} stopped on every rank because "
-                        f"another rank failed ({details})"
-                    )
-        finally:
-            self._in_collective = False
+        row = [float(ok), items, self._step_seconds, samples, float(flush),
+               float(self.share_schedule.last_read)]
+        self._agreed = True
+        table = distributed.agree(self._dist, row)
+        failed = [r for r in range(self._dist.world_size) if table[r, distributed.OK] == 0]
+        if failed:
+            messages = distributed.exchange_messages(self._dist, message)
+            if ok:
+                details = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+                raise distributed.PeerFailedError(
+                    f"optimizer step {self.optimizer_steps + 1} stopped on every rank because "
+                    f"another rank failed ({details})"
+                )
         return table
 
     def _tell_peers(self, exc: BaseException) -> None:
-        """This rank is about to raise: let the others stop at the step's agreement instead of
-        waiting there forever."""
-        if (
-            self._dist is None
-            or self._in_collective
-            or isinstance(exc, distributed.PeerFailedError)
-        ):
+        """This rank is about to raise before reaching the step's agreement: let the others stop
+        there instead of waiting forever. After the agreement, the closing confirmation tells
+        them instead."""
+        if self._dist is None or self._agreed or isinstance(exc, distributed.PeerFailedError):
             return
         message = f"{type(exc).__name__}: {oom_mod.describe(exc)}"
         with contextlib.suppress(Exception):
@@ -722,7 +1030,7 @@ class AutoAccumOptimizer(Optimizer):
     def _update_shares(self, table: torch.Tensor) -> None:
         """"auto" shares: every ``share_interval`` steps, shares proportional to the measured
         throughput, identical on every rank (computed from the same gathered table), in force
-        ``share_lookahead`` steps later so data already prefetched stays valid."""
+        from the first step no sampler on any rank has read yet."""
         if not self.auto_shares:
             return
         rows: list[list[float]] = table[:, [distributed.SAMPLES, distributed.SECONDS]].tolist()
@@ -739,10 +1047,12 @@ class AutoAccumOptimizer(Optimizer):
         # Change only for a real gain in predicted step time (the slowest rank's), not to chase
         # measurement noise.
         if step_time(new, rates) < (1 - self.share_min_gain) * step_time(current, rates):
-            self.share_schedule.set_from(self.optimizer_steps + self.share_lookahead, new)
+            read = int(table[:, distributed.LAST_READ].max())
+            start = max(self.optimizer_steps + self.share_lookahead, read + 1,
+                        self.share_schedule.last_read + 1)
+            self.share_schedule.set_from(start, new)
             log.info("shares %s -> %s from step %d (throughput %s samples/s)", list(current), new,
-                     self.optimizer_steps + self.share_lookahead,
-                     [round(r, 1) for r in rates])
+                     start, [round(r, 1) for r in rates])
 
 
 def _no_op() -> None:
@@ -786,33 +1096,9 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check_scalar_loss(loss: Any, what: str) -> None:
-    if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
-        return
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"loss_fn must return a scalar tensor or a (loss_sum, num_items) pair; its {what} is "
-            f"a {type(loss).__name__}"
-        )
-    if loss.numel() != 1:
-        raise ValueError(
-            f"loss_fn returned a {what} of shape {tuple(loss.shape)}; expected a scalar (reduce "
-            "with .mean(), or return (loss.sum(), num_items) for token-level losses)"
-        )
-    if not loss.requires_grad:
-        raise ValueError(
-            f"loss_fn returned a {what} that does not require grad: is the model's output used, "
-            "and is autograd enabled (no torch.no_grad())?"
-        )
-
-
-def _check_items(items: Any) -> None:
-    if isinstance(items, torch.Tensor):
-        if items.numel() != 1:
-            raise ValueError(f"num_items must be a scalar, got shape {tuple(items.shape)}")
-        return  # checked per step, to avoid a host sync per micro-batch
-    if isinstance(items, bool) or not isinstance(items, (int, float)) or items <= 0:
-        raise ValueError(f"num_items must be a positive number, got {items!r}")
+def _check_non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 def _build_inner(
@@ -842,4 +1128,3 @@ def _build_inner(
     raise TypeError(
         f"expected a torch.optim.Optimizer or an Optimizer class, got {type(optimizer).__name__}"
     )
-

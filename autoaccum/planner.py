@@ -7,7 +7,7 @@ function of numbers, so it can be property-tested without a GPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,13 +105,52 @@ def choose_micro_batch(
     return max(1, min(cap, b))
 
 
-def next_probe_size(first: tuple[int, int] | None, free_bytes: int, cap: int) -> int:
-    """Size of the next probe micro-batch.
+def refine_memory_model(points: Mapping[int, float]) -> MemoryModel:
+    """A memory model from measured ``{size: peak above the resident baseline}`` points, accurate
+    near the largest size measured, where the plan operates.
 
-    The first probe is small (1/64 of the cap, at least 2 where the cap allows: BatchNorm cannot
-    train on one sample whose feature map is 1x1). The second takes half of what the
-    first probe's pessimistic model says fits, so it lands near the operating point and the fit
-    extrapolates only a short way; it is always a different size from the first.
+    The line passes through the largest point, with the slope of the secant to the point nearest
+    half its size (at least half a range away, so allocator rounding cannot tilt it). Peaks of
+    real models are convex in the micro-batch size (attention, allocator block rounding), and a
+    secant through the top half under-estimates the peak beyond its end far less than a fit through
+    small probes. One point, or a secant that comes out flat or with a negative intercept, gives
+    the model that charges everything per sample.
+    """
+    if not points:
+        raise ValueError("need at least one measured point to fit a memory model")
+    top = max(points)
+    peak_top = max(float(points[top]), 0.0)
+    pessimistic = MemoryModel(0.0, peak_top / top)
+    lower = [b for b in points if b <= top / 2] or [b for b in points if b < top]
+    if not lower:
+        return pessimistic
+    low = min(lower, key=lambda b: abs(b - top / 2))
+    slope = (peak_top - float(points[low])) / (top - low)
+    intercept = peak_top - slope * top
+    if slope <= 0 or intercept < 0:
+        return pessimistic
+    return MemoryModel(intercept, slope)
+
+
+def first_probe_size(cap: int, budget_bytes: int | None, param_bytes: int) -> int:
+    """Size of the first probe micro-batch: small enough to fit wherever one sample fits.
+
+    At most 1/64 of the cap, and at most what fits if one sample's activations took 8 times the
+    parameters' bytes (so a model that is large for its device starts with 2 samples); never under
+    2 where the cap allows (BatchNorm cannot train on one sample whose feature map is 1x1).
+    """
+    size = cap // 64
+    if budget_bytes is not None and param_bytes > 0:
+        size = min(size, max(budget_bytes, 0) // (8 * param_bytes))
+    return min(cap, max(2, size))
+
+
+def next_probe_size(first: tuple[int, int] | None, free_bytes: int, cap: int) -> int:
+    """Size of the second probe micro-batch (the first comes from :func:`first_probe_size`).
+
+    It takes half of what the first probe's pessimistic model says fits, so it lands near the
+    operating point and the fit extrapolates only a short way; it is always a different size from
+    the first.
     """
     if first is None:
         return min(cap, max(2, cap // 64))
@@ -121,6 +160,80 @@ def next_probe_size(first: tuple[int, int] | None, free_bytes: int, cap: int) ->
     if b2 == b1:
         b2 = b1 + 1 if b1 < cap else max(1, b1 - 1)
     return b2
+
+
+def achievable_sizes_desc(cap: int, start: int) -> Iterator[int]:
+    """The micro-batch sizes a balanced split of ``cap`` can run (``ceil(cap / k)``), from the
+    largest that is ``<= start`` downwards to 1."""
+    if start < 1:
+        return
+    k = -(-cap // min(start, cap))
+    while True:
+        size = -(-cap // k)
+        yield size
+        if size == 1:
+            return
+        k = -(-cap // (size - 1))  # the fewest micro-batches whose size is below this one
+
+
+def one_size_down(size: int, cap: int) -> int:
+    """The next smaller micro-batch size a balanced split of ``cap`` runs (1 stays 1)."""
+    sizes = achievable_sizes_desc(cap, size - 1)
+    return next(sizes, 1)
+
+
+@dataclass(frozen=True)
+class SizeChoice:
+    """What :func:`choose_sizes` decided: run ``limit``; verify ``trial`` (larger) in one step."""
+
+    limit: int
+    trial: int | None
+
+
+def choose_sizes(
+    model: MemoryModel,
+    observed: Mapping[int, float],
+    budget: float,
+    cap: int,
+    *,
+    margin: float,
+    final_margin: float = 0.0,
+    single_pass_saving: float = 0.0,
+    ceiling: int | None = None,
+) -> SizeChoice:
+    """The micro-batch limit for an activation ``budget`` (bytes one micro-batch may add above the
+    resident baseline), and a larger size worth one verified step.
+
+    Only sizes a balanced split of ``cap`` runs are considered. A size *fits* when it, or a larger
+    size, was measured (``observed``: size -> measured peak) at ``<= budget * (1 - final_margin)``,
+    or when the model predicts ``<= budget * (1 - margin)``. A size is worth a *trial* when it was
+    not measured and the model predicts ``<= budget * (1 - final_margin)`` (for ``cap`` itself, a
+    step of one micro-batch, less ``single_pass_saving``): the trial step measures it, and an OOM
+    there costs one retry of that step. Sizes ``>= ceiling`` (failed at this free memory) are
+    never chosen. ``limit`` is at least 1.
+    """
+    if not (0 <= final_margin <= margin < 1):
+        raise ValueError(f"need 0 <= final_margin <= margin < 1, got {final_margin}, {margin}")
+    top = cap if ceiling is None else min(cap, ceiling - 1)
+    tight = budget * (1 - final_margin)
+    safe = budget * (1 - margin)
+    measured_fit = max((b for b, p in observed.items() if p <= tight), default=0)
+    if model.per_sample_bytes > 0:
+        reach = (tight + single_pass_saving - model.fixed_bytes) / model.per_sample_bytes
+        top = min(top, max(measured_fit, math.floor(reach) if reach < cap else cap))
+    trial = None
+    for b in achievable_sizes_desc(cap, top):
+        if b <= measured_fit:
+            return SizeChoice(b, trial)
+        if b in observed:
+            continue  # measured, and too large
+        predicted = model.peak(b)
+        if predicted <= safe:
+            return SizeChoice(b, trial)
+        saving = single_pass_saving if b == cap else 0.0
+        if trial is None and predicted - saving <= tight:
+            trial = b
+    return SizeChoice(1, trial if trial != 1 else None)
 
 
 def halve(size: int) -> int:
@@ -196,6 +309,35 @@ def state_buffers_per_param(optimizer: torch.optim.Optimizer) -> int:
     if defaults.get("amsgrad", False):
         buffers += 1
     return buffers
+
+
+def step_temporaries(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> int:
+    """Bytes the inner optimizer's step allocates for itself beyond its state (a lower bound).
+
+    Measured on torch's Adam/AdamW/SGD: the foreach implementations build one temporary per
+    parameter at once (the whole parameter list's worth), the for-loop ones one parameter's worth
+    at a time (Adam: two), the fused ones none. Unknown optimizers are charged nothing, so that
+    the check this feeds never refuses a run that could work.
+    """
+    if not params:
+        return 0
+    name = type(optimizer).__name__
+    defaults = optimizer.defaults
+    total = sum(p.numel() * p.element_size() for p in params)
+    largest = max(p.numel() * p.element_size() for p in params)
+    if defaults.get("fused"):
+        return 0
+    foreach = defaults.get("foreach")
+    if foreach is None:
+        foreach = all(p.device.type == "cuda" for p in params) and not defaults.get(
+            "differentiable", False)
+    if name in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax"):
+        return total if foreach else 2 * largest
+    if name == "SGD":
+        if not defaults.get("weight_decay", 0):
+            return 0
+        return total if foreach else largest
+    return 0
 
 
 def equal_shares(target: int, world_size: int) -> list[int]:

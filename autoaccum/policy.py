@@ -1,14 +1,24 @@
-"""The micro-batch size over a run: probe, plan, halve on OOM, re-plan, grow back.
+"""The micro-batch size over a run: probe, plan, verify one size up, halve on OOM, grow back.
 
 A thin state machine around the pure functions of :mod:`autoaccum.planner`. The optimizer tells it
-what happened (a probe's peak, an OOM, the end of a step with the free memory then) and asks it one
-thing: how many samples the next micro-batch may hold.
+what happened (a probe's peak, a step's measured peak, an OOM, allocator thrash, the activation
+budget at a step's start) and asks it one thing: how many samples the next micro-batch may hold.
+
+Budgets are in bytes that one micro-batch may add above the resident baseline once the run is in
+its steady state: free memory at the step's start, less the gradients the step will allocate and
+the optimizer state not allocated yet.
+
+Settling: two probes fit a line; the rest of the first step runs at the size the line gives with
+``margin`` to spare; each step's measured peak refines the line; one step at a time then tries the
+largest size the refined line gives with ``final_margin`` (0 on an exact simulator). A trial step
+that runs and measures within budget is adopted; one that runs out of memory goes back to the last
+size that ran and marks the failed size, which is not tried again until free memory has risen.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import planner
@@ -24,13 +34,15 @@ class OutOfMemoryForOneSample(RuntimeError):
 @dataclass
 class _State:
     limit: int | None  # None: no limit known, a whole call is one micro-batch
-    probes: list[tuple[int, int]]
-    model: tuple[float, float] | None  # MemoryModel fields, kept plain for state_dict
-    planned_free: int | None  # free bytes (+ reserve) the current plan was made for
-    failed: int | None  # smallest size that ran out of memory since the last re-plan
-    failed_free: int | None  # free bytes when it failed
-    trial: int | None  # size being tried by grow-back (falls back to `limit` if it fails)
-    clean_steps: int
+    probes: list[tuple[int, int]] = field(default_factory=list)
+    observed: dict[int, float] = field(default_factory=dict)  # size -> measured peak
+    model: tuple[float, float] | None = None  # MemoryModel fields, kept plain for state_dict
+    budget: float | None = None  # the budget the current plan was made for
+    failed: dict[int, float] = field(default_factory=dict)  # size -> budget when it failed
+    trial: int | None = None  # size being verified (falls back to `limit` if it fails)
+    clean_steps: int = 0
+    settled: bool = False
+    trials: int = 0  # trial steps run while settling
 
 
 class MicroBatchPolicy:
@@ -40,10 +52,13 @@ class MicroBatchPolicy:
         cap: the most samples one micro-batch needs (this rank's share of a step).
         pinned: a user-fixed size; it is never exceeded, only halved on OOM and grown back to.
         planning: whether to probe and plan from memory (a backend with a free-memory reading).
-        margin: fraction of free memory kept unused by the plan.
-        grow_after: clean steps before trying a larger size again after an OOM.
-        replan_tolerance: fraction by which free memory must move to trigger a re-plan.
-        single_pass_saving: bytes a one-micro-batch step saves (see ``choose_micro_batch``).
+        margin: fraction of the budget a size known only from the model must leave unused.
+        final_margin: fraction a measured or trial size must leave unused (allocator
+            fragmentation and workspaces on a real GPU; 0 on an exact simulator).
+        grow_after: clean steps before trying a larger size again after a runtime OOM.
+        replan_tolerance: fraction by which the budget must move to trigger a re-plan.
+        single_pass_saving: bytes a one-micro-batch step saves (no gradient to add into).
+        param_bytes: bytes of the parameters, which size the first probe.
     """
 
     def __init__(
@@ -53,21 +68,22 @@ class MicroBatchPolicy:
         pinned: int | None,
         planning: bool,
         margin: float = 0.1,
+        final_margin: float = 0.0,
         grow_after: int = 50,
         replan_tolerance: float = 0.1,
         single_pass_saving: int = 0,
+        param_bytes: int = 0,
     ) -> None:
         self.cap = cap
         self.single_pass_saving = single_pass_saving
+        self.param_bytes = param_bytes
         self.pinned = pinned
         self.planning = planning and pinned is None
         self.margin = margin
+        self.final_margin = final_margin
         self.grow_after = grow_after
         self.replan_tolerance = replan_tolerance
-        self._s = _State(
-            limit=pinned, probes=[], model=None, planned_free=None, failed=None,
-            failed_free=None, trial=None, clean_steps=0,
-        )
+        self._s = _State(limit=pinned)
 
     # -- what the optimizer asks -------------------------------------------------------------
     @property
@@ -80,12 +96,31 @@ class MicroBatchPolicy:
         """Whether the next micro-batch is a probe whose peak memory must be reported."""
         return self.planning and self._s.model is None
 
-    def probe_size(self, free_bytes: int) -> int:
-        first = self._s.probes[0] if self._s.probes else None
-        return planner.next_probe_size(first, free_bytes, self.cap)
+    @property
+    def settled(self) -> bool:
+        """No probe, no trial pending: the size stays until memory moves or an OOM happens."""
+        return not self.planning or (self._s.settled and self._s.trial is None)
+
+    @property
+    def fallback(self) -> int | None:
+        """The size that ran (or is known to fit) to go back to if a trial fails."""
+        return self._s.limit
+
+    @property
+    def trial(self) -> int | None:
+        """The size being verified by the current step, if any."""
+        return self._s.trial
+
+    def probe_size(self, budget: int) -> int:
+        """Size of the next probe for an activation ``budget``."""
+        s = self._s
+        if not s.probes:
+            return planner.first_probe_size(self.cap, budget, self.param_bytes)
+        return planner.next_probe_size(s.probes[0], budget, self.cap)
 
     @property
     def memory_model(self) -> MemoryModel | None:
+        """Predicted peak above the resident baseline of a micro-batch of ``b`` samples."""
         return MemoryModel(*self._s.model) if self._s.model else None
 
     def set_cap(self, cap: int) -> None:
@@ -94,50 +129,52 @@ class MicroBatchPolicy:
             return
         self.cap = cap
         s = self._s
-        model = self.memory_model
-        if model is not None and s.planned_free is not None and s.trial is None:
-            self._plan(model, s.planned_free, 0, f"share is now {cap}")
+        if self.memory_model is not None and s.budget is not None and s.trial is None:
+            self._choose(s.budget, f"share is now {cap}")
+        elif self.pinned is None and s.limit is not None and not self.planning:
+            s.limit = min(s.limit, cap)
 
     # -- what the optimizer reports ----------------------------------------------------------
-    def record_probe(
-        self, size: int, peak_above_baseline: int, free_bytes: int, reserve: int
-    ) -> None:
+    def record_probe(self, size: int, peak_above_baseline: int, budget: int) -> None:
         """A probe micro-batch of ``size`` peaked ``peak_above_baseline`` bytes above resident."""
-        self._s.probes.append((size, peak_above_baseline))
-        if len(self._s.probes) >= 2 or size >= self.cap:
-            self._plan(planner.fit_memory_model(self._s.probes), free_bytes, reserve, "planned")
-
-    def _plan(self, model: MemoryModel, free_bytes: int, reserve: int, why: str) -> None:
         s = self._s
-        s.model = (model.fixed_bytes, model.per_sample_bytes)
-        s.planned_free = free_bytes - reserve
-        size = planner.choose_micro_batch(
-            model, free_bytes, reserve, self.margin, self.cap, self.single_pass_saving
-        )
-        if s.failed is not None and size >= s.failed:
-            size = max(1, s.failed - 1)
-        # Snap to the size a balanced split of a full step really runs (e.g. 196 -> 171 for 512).
-        self._set_limit(planner.first_split(self.cap, size), why, free_bytes)
+        s.probes.append((size, peak_above_baseline))
+        s.observed[size] = max(s.observed.get(size, 0.0), float(peak_above_baseline))
+        if len(s.probes) >= 2 or size >= self.cap:
+            self._refit()
+            self._choose(budget, "planned")
 
-    def _set_limit(self, size: int, why: str, free_bytes: int | None) -> None:
-        old, self._s.limit, self._s.trial = self.limit, size, None
-        if size != old:
-            free = f"{free_bytes / 2**20:.0f} MiB free" if free_bytes is not None else "free n/a"
-            log.info("micro-batch %s -> %d (%s; %s)", old, size, why, free)
+    def observe_start(self, budget: int) -> None:
+        """The activation budget at a step's start. Re-plans when it moved by more than the
+        tolerance since the plan was made; forgets failed sizes once it rose beyond them."""
+        s = self._s
+        if self.memory_model is None or s.budget is None or s.trial is not None:
+            return
+        risen = [b for b, at in s.failed.items() if budget > at * (1 + self.replan_tolerance)]
+        for b in risen:
+            del s.failed[b]
+        if risen or planner.free_moved(int(s.budget), budget, self.replan_tolerance):
+            s.settled = False
+            self._choose(budget, "free memory moved")
 
-    def on_oom(self, size: int, free_bytes: int | None, context: str) -> int:
+    def on_oom(self, size: int, budget: int | None, context: str) -> int:
         """A micro-batch of ``size`` ran out of memory. Returns the new limit.
+
+        A failed trial goes back to the size that ran before; any other OOM halves. The failed
+        size is remembered with ``budget`` and not tried again until the budget rises.
 
         Raises:
             OutOfMemoryForOneSample: ``size`` was already 1.
         """
         s = self._s
         s.clean_steps = 0
-        s.failed = size if s.failed is None else min(s.failed, size)
-        s.failed_free = free_bytes
+        if budget is None:
+            budget = int(s.budget) if s.budget is not None else 0
+        s.failed[size] = min(s.failed.get(size, budget), budget)
         if s.trial is not None and size >= s.trial and s.limit is not None and s.limit < size:
-            # A grow-back trial failed: go back to the size that was known to work.
-            self._set_limit(s.limit, f"grow-back to {size} ran out of memory", free_bytes)
+            s.trial, s.settled = None, True
+            log.info("micro-batch %d ran out of memory in its trial step; back to %d",
+                     size, s.limit)
             return s.limit
         current = self.limit
         new = planner.halve(current if current is not None and current >= size else size)
@@ -145,59 +182,144 @@ class MicroBatchPolicy:
             raise OutOfMemoryForOneSample(context)
         if s.model is None and self.planning:
             s.probes.clear()  # the failed probe says nothing about the slope; plan from new ones
-        self._set_limit(new, f"out of memory at {size}", free_bytes)
+        s.trial = None
+        self._set_limit(new, f"out of memory at {size}", budget)
         return new
 
-    def observe_free(self, free_bytes: int, reserve: int) -> None:
-        """Free memory at the start of a step (``reserve``: what will be allocated before the
-        next micro-batch's peak). Re-plans when it moved by more than the tolerance."""
-        s = self._s
-        model = self.memory_model
-        if model is None or s.planned_free is None or s.trial is not None:
-            return
-        if not planner.free_moved(s.planned_free, free_bytes - reserve, self.replan_tolerance):
-            return
-        if self._rose_since_failure(free_bytes):
-            s.failed = None  # more memory than when it failed: the failed size may fit now
-        self._plan(model, free_bytes, reserve, "free memory moved")
+    def end_of_step(
+        self,
+        largest: int,
+        peak: float | None,
+        budget: int | None,
+        had_oom: bool,
+        thrash: bool = False,
+    ) -> None:
+        """One optimizer step finished.
 
-    def end_of_step(self, free_bytes: int | None, had_oom: bool) -> None:
-        """One optimizer step finished; ``free_bytes`` (if known) is read at its end."""
+        ``largest`` is the largest micro-batch the step ran and ``peak`` its measured peak above
+        the resident baseline (None without a memory backend); ``budget`` the step's activation
+        budget; ``thrash`` whether the allocator had to free its cache and retry during the step
+        (the size is too big for the fragmented memory even though it ran).
+        """
         s = self._s
         if had_oom:
             return
-        if s.trial is not None:  # the trial size ran a whole step: adopt it
-            self._s.limit, self._s.trial = s.trial, None
-            log.info("micro-batch grew back to %d", s.limit)
-        s.clean_steps += 1
-        if s.failed is None or s.clean_steps < self.grow_after or s.limit is None:
+        measuring = self.planning and s.model is not None
+        if measuring and peak is not None and largest > 0:
+            s.observed[largest] = max(s.observed.get(largest, 0.0), float(peak))
+            self._refit()
+        if thrash and s.limit is not None:
+            size = self.limit or s.limit
+            s.failed[size] = float(budget if budget is not None else s.budget or 0)
+            s.trial, s.settled = None, True
+            self._set_limit(planner.one_size_down(size, self.cap), "allocator retried", budget)
             return
-        ceiling = s.failed if self.pinned is None else min(s.failed, self.pinned + 1)
+        if s.trial is not None:
+            if largest < s.trial:
+                return  # the step had too few samples to run the trial size: try it next step
+            size, s.trial = s.trial, None
+            if peak is None or budget is None or peak <= budget * (1 - self.final_margin):
+                self._set_limit(size, "trial step ran", budget)
+            else:
+                s.failed[size] = float(budget)
+            if measuring and budget is not None:
+                self._choose(budget, "measured")
+            return
+        if measuring and not s.settled and budget is not None:
+            self._choose(budget, "measured")
+            return
+        s.clean_steps += 1
+        self._maybe_grow_back(budget)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _refit(self) -> None:
+        model = planner.refine_memory_model(self._s.observed)
+        self._s.model = (model.fixed_bytes, model.per_sample_bytes)
+
+    def _ceiling(self, budget: float) -> int | None:
+        """The smallest size that failed at this budget or more (sizes from it on are out)."""
+        failed = [b for b, at in self._s.failed.items()
+                  if budget <= at * (1 + self.replan_tolerance)]
+        return min(failed) if failed else None
+
+    def _choose(self, budget: float, why: str) -> None:
+        s = self._s
+        model = self.memory_model
+        assert model is not None
+        s.budget = float(budget)
+        choice = planner.choose_sizes(
+            model, s.observed, budget, self.cap, margin=self.margin,
+            final_margin=self.final_margin, single_pass_saving=self.single_pass_saving,
+            ceiling=self._ceiling(budget),
+        )
+        self._set_limit(choice.limit, why, budget)
+        s.trial = choice.trial
+        s.settled = choice.trial is None
+        if choice.trial is not None:
+            s.trials += 1
+            log.info("trying micro-batch %d for one step (%s predicts it fits)", choice.trial, why)
+
+    def _maybe_grow_back(self, budget: int | None) -> None:
+        """After a runtime OOM and ``grow_after`` clean steps: binary search towards the failed
+        size over the sizes a step runs; the failed size itself only once memory has risen."""
+        s = self._s
+        if not s.failed or s.clean_steps < self.grow_after or s.limit is None:
+            return
+        failed = min(s.failed)
+        if failed <= s.limit:
+            return
+        ceiling = failed if self.pinned is None else min(failed, self.pinned + 1)
         candidate = planner.grow_candidate(s.limit, ceiling, self.cap)
         if candidate == s.limit:  # converged just below the failed size
-            if not self._rose_since_failure(free_bytes):
+            rose = budget is not None and budget > s.failed[failed] * (1 + self.replan_tolerance)
+            if not rose:
                 return
-            # More memory than when it failed: try the smallest size a step runs that is not
-            # smaller than the failed one (a limit of 341 runs 256s for a step of 1024; 342 runs).
-            candidate = planner.achievable_at_least(s.failed, self.cap)
-            s.failed = None
+            candidate = planner.achievable_at_least(failed, self.cap)
+            del s.failed[failed]
         s.trial, s.clean_steps = candidate, 0
         log.info("trying micro-batch %d (grow-back after %d clean steps)",
                  candidate, self.grow_after)
 
-    def _rose_since_failure(self, free_bytes: int | None) -> bool:
-        s = self._s
-        return (
-            s.failed is not None and s.failed_free is not None and free_bytes is not None
-            and free_bytes > s.failed_free * (1 + self.replan_tolerance)
-        )
+    def _set_limit(self, size: int, why: str, budget: float | None) -> None:
+        old, self._s.limit = self.limit, size
+        if size != old:
+            room = f"{budget / 2**20:.0f} MiB budget" if budget is not None else "budget n/a"
+            log.info("micro-batch %s -> %d (%s; %s)", old, size, why, room)
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self._s)
+        s = self._s
+        return {
+            "version": 2,
+            "limit": s.limit,
+            "probes": [list(p) for p in s.probes],
+            "observed": [[b, p] for b, p in sorted(s.observed.items())],
+            "model": list(s.model) if s.model is not None else None,
+            "budget": s.budget,
+            "failed": [[b, at] for b, at in sorted(s.failed.items())],
+            "trial": s.trial,
+            "clean_steps": s.clean_steps,
+            "settled": s.settled,
+            "trials": s.trials,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        state["probes"] = [tuple(p) for p in state["probes"]]
-        state["model"] = tuple(state["model"]) if state["model"] is not None else None
-        self._s = _State(**state)
+        known = {f.name for f in fields(_State)}
+        if state.get("version", 1) < 2:  # 0.1 checkpoints: keep the size and the model
+            state = {"limit": state.get("limit"), "model": state.get("model"),
+                     "budget": state.get("planned_free"), "settled": True}
+        unknown = set(state) - known - {"version"}
+        if unknown:
+            raise ValueError(f"unknown micro-batch policy state {sorted(unknown)}")
+        self._s = _State(
+            limit=state["limit"],
+            probes=[(int(b), int(p)) for b, p in state.get("probes", [])],
+            observed={int(b): float(p) for b, p in state.get("observed", [])},
+            model=tuple(state["model"]) if state.get("model") is not None else None,  # type: ignore[arg-type]
+            budget=state.get("budget"),
+            failed={int(b): float(at) for b, at in state.get("failed", [])},
+            trial=state.get("trial"),
+            clean_steps=int(state.get("clean_steps", 0)),
+            settled=bool(state.get("settled", False)),
+            trials=int(state.get("trials", 0)),
+        )
