@@ -2,6 +2,7 @@
 
 from .data import ShareSampler, ShareSchedule
 from .distributed import PeerFailedError
+from .losses import causal_lm_loss, count_causal_lm_items
 from .memory import MemoryBackend
 from .optimizer import AutoAccumOptimizer, Plan, StepOutOfMemoryError, StepRecord
 from .report import plot_history
@@ -17,6 +18,8 @@ __all__ = [
     "SimulatedDevice",
     "StepOutOfMemoryError",
     "StepRecord",
+    "causal_lm_loss",
+    "count_causal_lm_items",
     "plot_history",
 ]
 __version__ = "0.1.0"

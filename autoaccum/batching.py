@@ -27,6 +27,7 @@ log = logging.getLogger("autoaccum")
 # Runtime structure nodes: (kind, cls, keys, children). Kinds:
 _LEAF, _CONST, _TUPLE, _LIST, _DICT, _NAMEDTUPLE, _MAPPING = range(7)
 Spec = tuple[Any, ...]
+_TENSOR_SPEC: Spec = (_LEAF,)
 Rebuild = Callable[[Sequence[Any]], Any]
 
 
@@ -69,7 +70,7 @@ class FlatBatch:
     def split(self, sizes: Sequence[int]) -> list[list[Any]]:
         """The leaves of consecutive micro-batches of ``sizes`` (views; one ``split`` per tensor
         leaf). Rebuild each with :attr:`rebuild` after moving its tensors."""
-        parts = [self.leaves[i].split(sizes) for i in self.tensors]
+        parts = [self.leaves[i].split_with_sizes(sizes) for i in self.tensors]
         if len(self.tensors) == len(self.leaves):
             return [list(x) for x in zip(*parts)]
         out = []
@@ -190,9 +191,25 @@ def flatten_batch(batch: Any) -> FlatBatch:
         TypeError: the batch holds no tensor.
         ValueError: a tensor leaf has no dim 0, leaves disagree on dim 0, or the batch is empty.
     """
-    leaves: list[Any] = []
-    spec = _flatten(batch, leaves)
-    tensors = tuple(i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor))
+    leaves: list[Any]
+    cls = type(batch)
+    rebuild: Rebuild | None = None
+    # The common shapes without recursion: a tensor, a flat tuple/list/dict of tensors.
+    if cls is torch.Tensor:
+        leaves, spec, tensors, rebuild = [batch], _TENSOR_SPEC, (0,), _first
+    elif (cls is tuple or cls is list) and all(type(x) is torch.Tensor for x in batch):
+        leaves = list(batch)
+        spec = (_TUPLE if cls is tuple else _LIST, None, None, (_TENSOR_SPEC,) * len(leaves))
+        tensors = tuple(range(len(leaves)))
+        rebuild = cls
+    elif cls is dict and all(type(x) is torch.Tensor for x in batch.values()):
+        leaves = list(batch.values())
+        spec = (_DICT, dict, tuple(batch), (_TENSOR_SPEC,) * len(leaves))
+        tensors = tuple(range(len(leaves)))
+    else:
+        leaves = []
+        spec = _flatten(batch, leaves)
+        tensors = tuple(i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor))
     if not tensors:
         raise TypeError(
             f"the batch holds no tensor (got {type(batch).__name__} with leaves of types "
@@ -200,15 +217,19 @@ def flatten_batch(batch: Any) -> FlatBatch:
             "tuple/list/dict/namedtuple/Mapping of tensors whose dim 0 indexes samples"
         )
     first = leaves[tensors[0]]
-    size = first.shape[0] if first.dim() else -1
-    if any(leaves[i].dim() == 0 or leaves[i].shape[0] != size for i in tensors):
-        _raise_shape_error(batch)
+    shape = first.shape
+    size = shape[0] if shape else -1
+    device = first.device
+    for i in tensors:
+        leaf = leaves[i]
+        leaf_shape = leaf.shape
+        if not leaf_shape or leaf_shape[0] != size:
+            _raise_shape_error(batch)
+        if device is not None and leaf.device != device:
+            device = None
     if size == 0:
         raise ValueError("the batch is empty (dim 0 is 0); pass at least one sample")
-    device = first.device
-    if any(leaves[i].device != device for i in tensors[1:]):
-        device = None
-    return FlatBatch(leaves, spec, tensors, size, device)
+    return FlatBatch(leaves, spec, tensors, size, device, rebuild)
 
 
 def _paths(obj: Any, prefix: str) -> list[tuple[str, Any]]:

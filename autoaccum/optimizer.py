@@ -159,12 +159,17 @@ class AutoAccumOptimizer(InnerFacade):
     optimizer, also after ``load_state_dict``. ``opt.register_step_post_hook(lambda *_:
     scheduler.step())`` advances a scheduler exactly once per optimizer step.
 
+    ``fast_path`` (a class attribute, True) lets settled steps run through the fast path; tests
+    set it False to run every micro-batch through the full one.
+
     ``count_items(batch_part) -> int`` (token mode, optional) counts the items (tokens) of a
     slice of a batch on the host. When a step's samples arrive in one call, the step's count is
     then known before its first backward pass and each micro-batch's ``loss_sum`` is divided by it
     directly, which rounds as one big batch would (models with float32 internals, such as Llama's
     RMSNorm, otherwise differ from one big batch by rounding that AdamW amplifies).
     """
+
+    fast_path = True
 
     def __init__(
         self,
@@ -487,38 +492,51 @@ class AutoAccumOptimizer(InnerFacade):
 
     # ---------------------------------------------------------------- internals: a call
     def _accumulate(self, loss_fn: LossFn, flat: FlatBatch, call: int) -> torch.Tensor:
-        self._check_grads_untouched()
         step = self._step
-        if step.needs_replay:
-            self._replay(loss_fn)
+        if step.chunks:
+            self._check_grads_untouched()
+            if step.needs_replay:
+                self._replay(loss_fn)
         offset = 0
-        while offset < flat.size:
-            if step.empty:
+        n = flat.size
+        counting = self.count_items is not None
+        while offset < n:
+            if not step.chunks:
                 self._start_step()
-            take = min(flat.size - offset, step.size - step.count)
+            take = min(n - offset, step.size - step.count)
             part = flat.slice(offset, offset + take)
-            chunk = Chunk(part, loss_fn, call,
-                          self._count(part) if self.count_items is not None else None)
+            chunk = Chunk(part, loss_fn, call, self._count(part) if counting else None)
             step.add(chunk)
             self._call_chunks.append(chunk)
             offset += take
-            if self.policy.probing or step.cursor != len(step.chunks) - 1:
-                self._drain()
-            else:
+            if self.fast_path and not self.policy.probing:
                 self._run_fast(chunk)
-            self._check_call_items(chunk)
-            if step.full:
+            else:
+                self._drain()
+            if self._token_mode:
+                self._check_call_items(chunk)
+            if step.count == step.size:
                 self._finish_step()
                 self.last_call_consumed = offset
         return self._call_loss()
 
     def _call_loss(self) -> torch.Tensor:
-        chunks = self._call_chunks
-        losses = torch.stack([x for c in chunks for x in c.losses])
-        if self._token_mode:
-            return losses.sum() / sum(x for c in chunks for x in c.items)
-        sizes = [s for c in chunks for s in c.sizes]
-        return _weighted_mean(losses, sizes, sum(sizes))
+        """The call's mean loss (token mode: summed loss over summed items), from the weighted
+        losses its micro-batches ran backward on: a stack and a sum per call (plus a scale when
+        the call is not exactly one step), no host sync."""
+        token = self._token_mode
+        total: Any = 0.0
+        count: Any = 0
+        single = len(self._call_chunks) == 1
+        for c in self._call_chunks:
+            losses = c.losses
+            part = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+            n = sum(c.items) if token else c.size
+            if single and isinstance(n, int) and n == c.den:
+                return part
+            total = total + part * c.den
+            count = count + n
+        return total / count
 
     def _fail(self, call: int, exc: BaseException) -> None:
         """Restore the invariant after ``exc``: drop what this call brought to the unfinished
@@ -575,11 +593,13 @@ class AutoAccumOptimizer(InnerFacade):
     def _check_grads_untouched(self) -> None:
         """Gradients of accumulated samples changed between calls (``model.zero_grad()``,
         ``clip_grad_norm_`` in the loop, ...): warn once and replay them, so nothing is lost."""
-        if self._sentinel is None or not self._step.accumulated:
+        if self._sentinel is None:
             return
         grad, version = self._sentinel
         now = self._trainable[0].grad if self._trainable else None
         if now is grad and (now is None or now._version == version):
+            return
+        if not self._step.accumulated:
             return
         self._warn_once(
             "grads-touched",
@@ -596,8 +616,7 @@ class AutoAccumOptimizer(InnerFacade):
             self._sentinel = (g, g._version if g is not None else 0)
 
     def _check_call_items(self, chunk: Chunk) -> None:
-        if self._token_mode and chunk.items and any(isinstance(x, torch.Tensor)
-                                                    for x in chunk.items):
+        if any(isinstance(x, torch.Tensor) for x in chunk.items):
             bad = out_mod.bad_item_counts(chunk.items)
             if bad is not None:
                 raise ValueError(f"{bad}; expected finite counts >= 0 (the call's samples are "
@@ -607,8 +626,9 @@ class AutoAccumOptimizer(InnerFacade):
     def _start_step(self) -> None:
         """Once per step, before its first micro-batch: this rank's share, the memory budget."""
         step = self._step
-        step.size = self.share_schedule.shares_for(self.optimizer_steps)[self._rank]
-        self.policy.set_cap(step.size)
+        if self._dist is not None:  # one process: the share is always the whole target
+            step.size = self.share_schedule.shares_for(self.optimizer_steps)[self._rank]
+            self.policy.set_cap(step.size)
         self._step_seconds = 0.0
         self._step_ooms = 0
         self._agreed = False
@@ -669,9 +689,8 @@ class AutoAccumOptimizer(InnerFacade):
         """All of the step's samples are in .grad: agree across ranks, normalize, reduce, clip,
         step once, zero. Returns False when no rank had a sample (a distributed flush)."""
         step = self._step
-        chunks = step.chunks
-        items = sum(x for c in chunks for x in c.items)
         samples = step.count
+        items = sum(x for c in step.chunks for x in c.items) if self._token_mode else samples
         denominator = step.denominator if step.denominator is not None else step.size
         table = None
         peak = self.memory.peak_bytes() if self.memory is not None else None
@@ -690,14 +709,19 @@ class AutoAccumOptimizer(InnerFacade):
                 raise ValueError(f"the step's num_items sum to {float(total)}; expected > 0 "
                                  "(every item of the step was masked out?)")
         finished = step.take()
-        self.last_call_consumed += sum(c.size for c in finished if c.call == self._calls)
+        if len(finished) == 1:
+            if finished[0].call == self._calls:
+                self.last_call_consumed += finished[0].size
+            self._last_sizes = tuple(finished[0].sizes)
+        else:
+            self.last_call_consumed += sum(c.size for c in finished if c.call == self._calls)
+            self._last_sizes = tuple(s for c in finished for s in c.sizes)
         try:
             self._apply(total, denominator)
         finally:
             self._clear_grads()
             self._agreed = False
         self.optimizer_steps += 1
-        self._last_sizes = tuple(s for c in finished for s in c.sizes)
         self._end_of_step(samples, peak)
         if table is not None:
             self._update_shares(table)
@@ -775,19 +799,14 @@ class AutoAccumOptimizer(InnerFacade):
                 now_retries = int(retries())
                 thrash = now_retries > self._retries and self._step_ooms == 0
                 self._retries = now_retries
-        self.history.append(StepRecord(
-            step=self.optimizer_steps,
-            samples=samples,
-            micro_batch_size=largest,
-            accumulation_steps=len(sizes),
-            oom_events=self._step_ooms,
-            peak_bytes=peak,
-            free_bytes=self._step_free,
-            seconds=seconds,
-            samples_per_s=samples / seconds if seconds > 0 else float("nan"),
-            compute_seconds=self._step_seconds,
+        self.history.append(StepRecord(  # positional: this runs every step
+            self.optimizer_steps, samples, largest, len(sizes), self._step_ooms, peak,
+            self._step_free, seconds, samples / seconds if seconds > 0 else math.nan,
+            self._step_seconds,
         ))
-        self.policy.end_of_step(largest, measured, self._step_budget, self._step_ooms > 0, thrash)
+        if self.policy.active:
+            self.policy.end_of_step(largest, measured, self._step_budget, self._step_ooms > 0,
+                                    thrash)
 
     # ---------------------------------------------------------------- internals: micro-batches
     def _denominator(self) -> int:
@@ -803,53 +822,67 @@ class AutoAccumOptimizer(InnerFacade):
         return step.denominator
 
     def _run_fast(self, chunk: Chunk) -> None:
-        """The settled path: one tight loop over the chunk's micro-batches, checks on the first
-        one only; on an OOM it hands over to the full path, which recovers."""
-        limit = self.policy.limit
+        """The settled path: one tight loop over a new chunk's micro-batches (cut once, output
+        checked on the first one, nothing allocated per micro-batch but the loss kept for the
+        returned value); on an OOM it hands over to the full path, which recovers."""
         n = chunk.size
-        sizes = balanced_split(n, limit)
-        parts = chunk.flat.split(sizes) if len(sizes) > 1 else [list(chunk.flat.leaves)]
-        rebuild = chunk.flat.rebuild
+        sizes = balanced_split(n, self.policy.limit)
+        flat = chunk.flat
+        parts = flat.split(sizes) if len(sizes) > 1 else [list(flat.leaves)]
+        rebuild = flat.rebuild
         device = self._param_device
-        move = chunk.flat.device != device
-        tensors = chunk.flat.tensors
+        move = flat.device != device
+        tensors = flat.tensors
         loss_fn = chunk.loss_fn
         scaler = self.grad_scaler
+        losses, items_list, aux_list = chunk.losses, chunk.items, chunk.aux
+        form = token = den = 0
+        k = phase = 0
         failure: _Oom | None = None
         started = time.perf_counter()
-        form = -1
-        token = False
-        den = 1
-        with self._sync_context():
-            try:
-                for leaves, size in zip(parts, sizes):
+        try:
+            with self._sync_context():
+                for leaves in parts:
+                    size = sizes[k]
                     if move:
                         for i in tensors:
                             leaves[i] = to_device(leaves[i], device)
                     out = loss_fn(rebuild(leaves))
-                    if form < 0:
+                    if k == 0:
                         form = out_mod.form_of(out)
                         loss, items, aux = self._read_checked(out, form)
                         token = bool(self._token_mode)
-                        den = self._denominator()
+                        den = chunk.den = self._denominator()
+                    elif form == out_mod.TENSOR:
+                        loss = out
                     else:
                         loss, items, aux = out_mod.read(out, form)
                     # Token mode divides by the step's count as one big batch would; mean mode
                     # weights by the micro-batch's share of the step, as a hand-written loop does.
-                    scaled = loss / den if token else loss * (size / den)
-                    if scaler is not None:
-                        scaled = scaler.scale(scaled)
-                    self._in_backward = True
-                    scaled.backward()
-                    self._in_backward = False
-                    chunk.record(loss, items, size, aux)
-            except BaseException as exc:
-                if not oom_mod.is_oom(exc):
-                    raise
-                failure = _Oom(size, "backward" if self._in_backward else "forward",
-                               oom_mod.describe(exc))
+                    weighted = loss / den if token else loss * (size / den)
+                    phase = 1
+                    (weighted if scaler is None else scaler.scale(weighted)).backward()
+                    phase = 0
+                    losses.append(weighted.detach())
+                    if token:
+                        items_list.append(items)
+                    if aux is not None:
+                        aux_list.append({**aux, "num_samples": size})
+                    k += 1
+        except BaseException as exc:
+            chunk.sizes.extend(sizes[:k])
+            chunk.done = sum(sizes[:k])
+            self._in_backward = bool(phase)  # a partial gradient, if it propagates
+            if not oom_mod.is_oom(exc):
+                raise
+            failure = _Oom(sizes[k], "backward" if phase else "forward", oom_mod.describe(exc))
+        else:
+            chunk.sizes.extend(sizes)
+            chunk.done = n
         self._step_seconds += time.perf_counter() - started
-        if failure is not None:  # out of the except block: the failed frames are gone
+        if failure is None:
+            self._step.cursor = len(self._step.chunks)  # every chunk is complete now
+        else:  # out of the except block: the failed frames are gone
             self._in_backward = False
             self._recover(failure)
             self._drain()
@@ -900,6 +933,8 @@ class AutoAccumOptimizer(InnerFacade):
 
     def _try_micro_step(self, chunk: Chunk, size: int, probing: bool) -> _Oom | None:
         self._in_backward = False
+        if chunk.done == 0:
+            chunk.check_unchanged()  # a replay must see the samples as they were given
         try:
             if probing:
                 assert self.memory is not None
@@ -910,10 +945,9 @@ class AutoAccumOptimizer(InnerFacade):
             with self._sync_context():
                 out = chunk.loss_fn(micro)
                 output = self._read_checked(out, out_mod.form_of(out))
-                den = self._denominator()
-                scaled = output.loss / den if self._token_mode else output.loss * (size / den)
-                if self.grad_scaler is not None:
-                    scaled = self.grad_scaler.scale(scaled)
+                den = chunk.den = self._denominator()
+                weighted = output.loss / den if self._token_mode else output.loss * (size / den)
+                scaled = weighted if self.grad_scaler is None else self.grad_scaler.scale(weighted)
                 self._in_backward = True
                 scaled.backward()
                 self._in_backward = False
@@ -923,11 +957,11 @@ class AutoAccumOptimizer(InnerFacade):
             phase = "backward" if self._in_backward else "forward"
             self._in_backward = False
             return _Oom(size, phase, oom_mod.describe(exc))
-        chunk.record(output.loss, output.items, size, output.aux)
+        chunk.record(weighted, output.items, size, output.aux)
         if probing:
             assert self.memory is not None
             peak = self.memory.peak_bytes() - baseline
-            del micro, out, output, scaled
+            del micro, out, output, scaled, weighted
             self.policy.record_probe(size, peak, self._probe_budget())
         return None
 
@@ -963,6 +997,10 @@ class AutoAccumOptimizer(InnerFacade):
     def _recover(self, failure: _Oom) -> None:
         self.oom_events += 1
         self._step_ooms += 1
+        if failure.phase == "backward":
+            # .grad holds part of a micro-batch: start the step's accumulation over (before
+            # anything else can raise, so the invariant holds whatever happens next).
+            self._step.rewind(self._clear_grads)
         oom_mod.release(self.memory)
         free = self.memory.free_bytes() if self.memory is not None else None
         free_txt = f"{free / 2**20:.0f} MiB" if free is not None else "unknown"
@@ -975,9 +1013,6 @@ class AutoAccumOptimizer(InnerFacade):
             failure.phase, failure.size, free_txt, failure.message, new,
             ", replaying the step" if failure.phase == "backward" else "",
         )
-        if failure.phase == "backward":
-            # .grad holds part of a micro-batch: start the step's accumulation over.
-            self._step.rewind(self._clear_grads)
 
     def _one_sample_error(self, failure: _Oom, free: int | None) -> torch.OutOfMemoryError:
         model = self.policy.memory_model

@@ -27,6 +27,10 @@ from .planner import MemoryModel
 log = logging.getLogger("autoaccum")
 
 
+_V1_KEYS = {"limit", "probes", "model", "planned_free", "failed", "failed_free", "trial",
+            "clean_steps"}
+
+
 class OutOfMemoryForOneSample(RuntimeError):
     """Even a micro-batch of one sample does not fit in the device's free memory."""
 
@@ -100,6 +104,12 @@ class MicroBatchPolicy:
     def settled(self) -> bool:
         """No probe, no trial pending: the size stays until memory moves or an OOM happens."""
         return not self.planning or (self._s.settled and self._s.trial is None)
+
+    @property
+    def active(self) -> bool:
+        """Whether :meth:`end_of_step` can change anything (planning, or an OOM to grow back
+        from); a pinned size that never failed needs no per-step bookkeeping."""
+        return self.planning or bool(self._s.failed) or self._s.trial is not None
 
     @property
     def fallback(self) -> int | None:
@@ -306,6 +316,9 @@ class MicroBatchPolicy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         known = {f.name for f in fields(_State)}
         if state.get("version", 1) < 2:  # 0.1 checkpoints: keep the size and the model
+            unknown = set(state) - _V1_KEYS
+            if unknown:
+                raise ValueError(f"unknown micro-batch policy state {sorted(unknown)}")
             state = {"limit": state.get("limit"), "model": state.get("model"),
                      "budget": state.get("planned_free"), "settled": True}
         unknown = set(state) - known - {"version"}

@@ -29,9 +29,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import logging
 import math
+import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -74,6 +77,15 @@ def _return_kinds(func: Any) -> tuple[int, ...]:
         kinds = tuple(result)
         _return_kinds_cache[func] = kinds
     return kinds
+
+
+def _dynamo_frames_seen() -> int:
+    """How many code objects torch.compile has been asked to convert so far (0 when dynamo was
+    never imported). It grows when a compiled function is called, also when dynamo then skips
+    the frame because a dispatch mode is active: that is how a skipped compile is noticed."""
+    convert_frame = sys.modules.get("torch._dynamo.convert_frame")
+    codes = getattr(getattr(convert_frame, "input_codes", None), "seen", None)
+    return len(codes) if codes is not None else 0
 
 
 def _format_bytes(n: int) -> str:
@@ -151,6 +163,7 @@ class SimulatedDevice:
         self._peak = 0
         self._thread = threading.local()  # .depth: nesting of active() in this thread
         self._debt_s = 0.0
+        self._warned_compile = False
         self._capacity = 0
         self._slowdown = 1.0
         self.name = str(name)
@@ -239,12 +252,23 @@ class SimulatedDevice:
                 local.depth -= 1
             return
         local.depth = 1
+        compiled_before = _dynamo_frames_seen()
         try:
             with _Mode(self):
                 yield
         finally:
             local.depth = 0
             self.synchronize()
+            if not self._warned_compile and _dynamo_frames_seen() > compiled_before:
+                self._warned_compile = True
+                message = (
+                    "torch.compile'd code ran eagerly while SimulatedDevice counted memory: dynamo "
+                    "does not compile under a TorchDispatchMode (the simulator's), so the "
+                    "simulated run is not compiled and its memory figures are those of eager "
+                    "mode. On a GPU (CudaMemory) compiled models run compiled."
+                )
+                warnings.warn(message, stacklevel=3)
+                logging.getLogger("autoaccum").warning(message)
 
     def synchronize(self) -> None:
         """Pay the slowdown still owed (sleeps are batched), like waiting for a GPU to finish."""

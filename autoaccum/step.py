@@ -23,8 +23,8 @@ LossFn = Callable[[Any], Any]
 class Chunk:
     """The samples one ``step()`` call brought to this step, and how far they are accumulated."""
 
-    __slots__ = ("aux", "call", "counted", "done", "flat", "items", "loss_fn", "losses", "sizes",
-                 "versions")
+    __slots__ = ("aux", "call", "counted", "den", "done", "flat", "items", "loss_fn", "losses",
+                 "sizes", "versions")
 
     def __init__(self, flat: FlatBatch, loss_fn: LossFn, call: int, counted: int | None = None):
         self.flat = flat
@@ -37,8 +37,10 @@ class Chunk:
     def restart(self) -> None:
         """Nothing of this chunk is in ``.grad`` any more."""
         self.done = 0  # samples whose gradient is in .grad (a prefix)
-        # Per accumulated micro-batch: detached loss (mean, or token sum), item count, size and
-        # auxiliary outputs. Combined once per call, never per micro-batch.
+        self.den: Any = 1  # what the micro-batch losses were divided by (the step's)
+        # Per accumulated micro-batch: its detached contribution to the step's loss (the weighted
+        # loss its backward ran on), item count (token mode only), size and auxiliary outputs.
+        # Combined once per call, never per micro-batch.
         self.losses: list[torch.Tensor] = []
         self.items: list[Any] = []
         self.sizes: list[int] = []
@@ -48,10 +50,14 @@ class Chunk:
     def size(self) -> int:
         return self.flat.size
 
-    def record(self, loss: torch.Tensor, items: Any, size: int, aux: dict[str, Any] | None
+    def record(self, weighted: torch.Tensor, items: Any, size: int, aux: dict[str, Any] | None
                ) -> None:
-        self.losses.append(loss.detach())
-        self.items.append(size if items is None else items)
+        """One micro-batch of ``size`` samples reached ``.grad`` through ``weighted`` (its loss
+        divided by :attr:`den`, and times ``size`` in mean mode); ``items`` is its item count in
+        token mode (None in mean mode, where the sizes are the counts)."""
+        self.losses.append(weighted.detach())
+        if items is not None:
+            self.items.append(items)
         self.sizes.append(size)
         if aux is not None:
             self.aux.append({**aux, "num_samples": size})
@@ -93,8 +99,8 @@ class StepState:
     @property
     def needs_replay(self) -> bool:
         """Between calls: some pending sample's gradient is not in ``.grad`` (after a rewind, or
-        samples restored by ``load_state_dict``)."""
-        return any(c.done < c.size for c in self.chunks)
+        samples restored by ``load_state_dict``). Chunks before the cursor are complete."""
+        return self.advance() is not None
 
     def add(self, chunk: Chunk) -> None:
         self.chunks.append(chunk)

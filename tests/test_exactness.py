@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,13 @@ from tests.helpers import (
     sgd,
     token_loss_fn,
 )
+
+
+@pytest.fixture(autouse=True, params=["fast", "full"])
+def driver_path(request, monkeypatch):
+    """Every test here runs on both paths of the driver."""
+    monkeypatch.setattr(autoaccum.AutoAccumOptimizer, "fast_path", request.param == "fast")
+    return request.param
 
 
 def run_wrapped(data, sizes, target, token, micro=None, make_opt=sgd, as_tensor=False,

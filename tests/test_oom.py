@@ -25,6 +25,13 @@ from tests.helpers import (
 OOM = "CUDA out of memory. Tried to allocate 20.00 MiB (injected)"
 
 
+@pytest.fixture(autouse=True, params=["fast", "full"])
+def driver_path(request, monkeypatch):
+    """Every test here runs on both paths of the driver."""
+    monkeypatch.setattr(autoaccum.AutoAccumOptimizer, "fast_path", request.param == "fast")
+    return request.param
+
+
 class Faults:
     """Raises torch.OutOfMemoryError on chosen forward calls and chosen backward passes.
 
