@@ -192,6 +192,8 @@ def flatten_batch(batch: Any) -> FlatBatch:
         ValueError: a tensor leaf has no dim 0, leaves disagree on dim 0, or the batch is empty.
     """
     leaves: list[Any]
+    tensors: tuple[int, ...]
+    spec: Spec
     cls = type(batch)
     rebuild: Rebuild | None = None
     # The common shapes without recursion: a tensor, a flat tuple/list/dict of tensors.
