@@ -84,8 +84,14 @@ def agree(ctx: Context, row: Sequence[float | torch.Tensor]) -> torch.Tensor:
         [torch.as_tensor(v, dtype=torch.float64, device=ctx.device).reshape(()) for v in row]
     )
     table = torch.empty(ctx.world_size * local.numel(), dtype=torch.float64, device=ctx.device)
-    dist.all_gather_into_tensor(table, local, group=ctx.group)
+    _all_gather(table, local, ctx)
     return table.view(ctx.world_size, -1).cpu()
+
+
+def _all_gather(out: torch.Tensor, local: torch.Tensor, ctx: Context) -> None:
+    """All-gather into one flat tensor (``all_gather_single`` where torch has it)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local, group=ctx.group)
 
 
 def exchange_messages(ctx: Context, message: str | None) -> list[str | None]:
@@ -98,7 +104,7 @@ def exchange_messages(ctx: Context, message: str | None) -> list[str | None]:
         local[1 : 1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     local = local.to(ctx.device)
     gathered = torch.empty(ctx.world_size * _MESSAGE_BYTES, dtype=torch.uint8, device=ctx.device)
-    dist.all_gather_into_tensor(gathered, local, group=ctx.group)
+    _all_gather(gathered, local, ctx)
     rows = gathered.view(ctx.world_size, _MESSAGE_BYTES).cpu()
     out: list[str | None] = []
     for row in rows:

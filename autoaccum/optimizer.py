@@ -314,6 +314,7 @@ class AutoAccumOptimizer(InnerFacade):
         call = self._calls
         self.last_call_consumed = 0
         self._call_chunks = []
+        self._agreed = False
         try:
             if not callable(loss_fn):
                 raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -345,6 +346,7 @@ class AutoAccumOptimizer(InnerFacade):
             return True
         self._calls += 1
         self.last_call_consumed = 0
+        self._agreed = False
         try:
             with self._active():
                 if self._step.needs_replay:
@@ -720,7 +722,7 @@ class AutoAccumOptimizer(InnerFacade):
             self._apply(total, denominator)
         finally:
             self._clear_grads()
-            self._agreed = False
+        self._agreed = False  # (after a failure it stays set: the peers already know)
         self.optimizer_steps += 1
         self._end_of_step(samples, peak)
         if table is not None:

@@ -121,3 +121,126 @@ def sharded_parameters_are_refused(rank: int, world: int) -> Any:
     except NotImplementedError as exc:
         return str(exc)
     return "accepted"
+
+
+def ddp_world_of_one_recovers_from_a_last_backward_oom(rank: int, world: int) -> Any:
+    """torchrun with one process, the same script as on 8 GPUs: an OOM in the backward of a
+    step's last micro-batch is recovered and training continues exactly."""
+    data = make_data(32)
+    model = make_model()
+    net = DistributedDataParallel(model)
+    opt = autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=16,
+                                       micro_batch_size=4, model=net)
+    count = {"b": 0}
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        count["b"] += 1
+        if count["b"] == 4:  # the last micro-batch of the first step
+            raise torch.OutOfMemoryError(OOM)
+        return grad
+
+    model[0].weight.register_hook(hook)
+    for start in range(0, 32, 16):
+        opt.step(mean_loss_fn(net), slice_data(data, start, start + 16))
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "oom_events": opt.oom_events, "steps": opt.optimizer_steps}
+
+
+def failure_after_the_agreement(rank: int, world: int, where: str) -> Any:
+    """Rank 1 fails after every rank agreed: in its inner optimizer step (an OOM) or inside the
+    gradient reduction (a local copy). Every rank must raise, and then run the user's next
+    collective (a barrier before saving, say) without hanging."""
+    import sys
+
+    sys.modules["numpy"] = None  # type: ignore[assignment]  # messages must not need numpy
+    data = make_data(16)
+    model = make_model()
+    inner = sgd(model.parameters())
+    opt = autoaccum.AutoAccumOptimizer(inner, target_batch_size=16, micro_batch_size=4)
+    if rank == 1 and where == "inner step":
+        def failing_step(*_a: Any, **_k: Any) -> None:
+            raise torch.OutOfMemoryError(OOM)
+
+        inner.step = failing_step  # type: ignore[method-assign]
+    if rank == 1 and where == "reduction":
+        real_cat = torch.cat
+
+        def failing_cat(*args: Any, **kwargs: Any) -> Any:
+            if "out" in kwargs:
+                raise RuntimeError("injected failure copying into the bucket")
+            return real_cat(*args, **kwargs)
+
+        torch.cat = failing_cat  # type: ignore[assignment]
+    error = None
+    try:
+        opt.step(mean_loss_fn(model), slice_data(data, 8 * rank, 8 * rank + 8))
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if rank == 1 and where == "reduction":
+            torch.cat = real_cat  # type: ignore[assignment]
+    torch.distributed.barrier()  # the user's next collective
+    return {"error": error, "steps": opt.optimizer_steps}
+
+
+def resume_mid_step_after_shares_changed(rank: int, world: int, tmp: str) -> Any:
+    """Shares change from step 1 on ([4, 12] -> [10, 6]); a checkpoint is taken in the middle of
+    step 1 and loaded into fresh objects on every rank; the run continues exactly."""
+    import os
+
+    data = make_data(48)
+    shares = [[4, 12], [10, 6], [10, 6]]
+
+    def build() -> tuple[nn.Module, autoaccum.AutoAccumOptimizer]:
+        model = make_model()
+        opt = autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=16,
+                                           shares=[4, 12], micro_batch_size=3)
+        opt.share_schedule.set_from(1, [10, 6])
+        return model, opt
+
+    model, opt = build()
+    lo, hi = rank_slice(shares[0], rank, 0, 16)
+    opt.step(mean_loss_fn(model), slice_data(data, lo, hi))
+    lo, hi = rank_slice(shares[1], rank, 16, 32)
+    half = lo + (hi - lo) // 2
+    opt.step(mean_loss_fn(model), slice_data(data, lo, half))  # the first half of step 1
+    path = os.path.join(tmp, f"rank{rank}.pt")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    del model, opt
+    model, opt = build()
+    saved = torch.load(path)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    opt.step(mean_loss_fn(model), slice_data(data, half, hi))
+    lo, hi = rank_slice(shares[2], rank, 32, 48)
+    opt.step(mean_loss_fn(model), slice_data(data, lo, hi))
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "steps": opt.optimizer_steps}
+
+
+def auto_shares_with_many_loader_workers(rank: int, world: int, workers: int) -> Any:
+    """A DataLoader with many workers reads num_workers * prefetch_factor batches ahead of the
+    optimizer; share changes must land after whatever it has read, on every rank alike."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    opt = autoaccum.AutoAccumOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                       target_batch_size=32, shares="auto", micro_batch_size=8)
+    opt.share_interval = 2
+    opt.share_min_gain = 0.0
+    n = 32 * 30
+    data = torch.utils.data.TensorDataset(torch.randn(n, 8), torch.arange(n))
+    sampler = autoaccum.ShareSampler(data, opt, shuffle=False)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=workers,
+                                         prefetch_factor=4, persistent_workers=False)
+
+    def loss_fn(b: Any) -> torch.Tensor:
+        time.sleep(2e-4 * (1 + 3 * rank) * b[0].shape[0])  # rank 1 is slower
+        return model(b[0]).pow(2).mean()
+
+    seen: list[int] = []
+    for x, idx in loader:
+        seen.extend(idx.tolist())
+        opt.step(loss_fn, (x,))
+    opt.flush()
+    return {"seen": seen, "steps": opt.optimizer_steps,
+            "shares": list(opt.share_schedule.shares_for(opt.optimizer_steps))}

@@ -85,3 +85,41 @@ def test_sharded_fsdp2_style_parameters_are_refused_with_a_clear_error():
     for rank, (status, value) in results.items():
         assert status == "ok", f"rank {rank} failed:\n{value}"
         assert "DTensor" in value and "FSDP2" in value
+
+
+def test_ddp_in_a_one_process_job_recovers_from_an_oom_in_its_last_backward():
+    results = run_ranks(dist_workers.ddp_world_of_one_recovers_from_a_last_backward_oom, 1,
+                        timeout=60)
+    values = check_exact(results, 32, 16, False)
+    assert values[0]["oom_events"] == 1 and values[0]["steps"] == 2
+
+
+@pytest.mark.parametrize("where", ["inner step", "reduction"])
+def test_a_failure_after_the_agreement_ends_every_rank_and_never_hangs(where):
+    results = run_ranks(dist_workers.failure_after_the_agreement, 2, where, timeout=60)
+    for rank, (status, value) in results.items():
+        assert status == "ok", f"rank {rank} hung or crashed:\n{value}"
+    failing, peer = results[1][1]["error"], results[0][1]["error"]
+    if where == "inner step":
+        assert failing.startswith("StepOutOfMemoryError")
+    else:
+        assert "injected failure copying into the bucket" in failing
+    assert peer.startswith("PeerFailedError") and "rank 1" in peer
+    assert "reload a checkpoint" in peer  # the step may have diverged the ranks
+
+
+def test_a_checkpoint_mid_step_restores_that_steps_share(tmp_path):
+    results = run_ranks(dist_workers.resume_mid_step_after_shares_changed, 2, str(tmp_path),
+                        timeout=90)
+    values = check_exact(results, 48, 16, False)
+    assert all(v["steps"] == 3 for v in values)
+
+
+def test_share_changes_land_after_what_many_loader_workers_already_read():
+    results = run_ranks(dist_workers.auto_shares_with_many_loader_workers, 2, 6, timeout=180)
+    for rank, (status, value) in results.items():
+        assert status == "ok", f"rank {rank} failed:\n{value}"
+    r0, r1 = results[0][1], results[1][1]
+    assert sorted(r0["seen"] + r1["seen"]) == list(range(32 * 30))
+    assert r0["steps"] == r1["steps"] == 30
+    assert r0["shares"] == r1["shares"] and r0["shares"] != [16, 16]  # shares did move
