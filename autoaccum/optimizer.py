@@ -512,7 +512,10 @@ class AutoAccumOptimizer(InnerFacade):
             self._call_chunks.append(chunk)
             offset += take
             if self.fast_path and not self.policy.probing:
-                self._run_fast(chunk)
+                failure = self._run_fast(chunk)
+                if failure is not None:  # the fast path's frame, and the failed graph, are gone
+                    self._recover(failure)
+                    self._drain()
             else:
                 self._drain()
             if self._token_mode:
@@ -823,10 +826,11 @@ class AutoAccumOptimizer(InnerFacade):
             step.denominator = d
         return step.denominator
 
-    def _run_fast(self, chunk: Chunk) -> None:
+    def _run_fast(self, chunk: Chunk) -> _Oom | None:
         """The settled path: one tight loop over a new chunk's micro-batches (cut once, output
         checked on the first one, nothing allocated per micro-batch but the loss kept for the
-        returned value); on an OOM it hands over to the full path, which recovers."""
+        returned value). An OOM is returned, for the caller to recover from once this frame (and
+        the failed micro-batch's graph it holds) is gone."""
         n = chunk.size
         sizes = balanced_split(n, self.policy.limit)
         flat = chunk.flat
@@ -884,10 +888,8 @@ class AutoAccumOptimizer(InnerFacade):
         self._step_seconds += time.perf_counter() - started
         if failure is None:
             self._step.cursor = len(self._step.chunks)  # every chunk is complete now
-        else:  # out of the except block: the failed frames are gone
-            self._in_backward = False
-            self._recover(failure)
-            self._drain()
+        self._in_backward = False
+        return failure
 
     def _read_checked(self, out: Any, form: int) -> out_mod.Output:
         output = out_mod.read(out, form)

@@ -181,7 +181,7 @@ class MicroBatchPolicy:
         if budget is None:
             budget = int(s.budget) if s.budget is not None else 0
         s.failed[size] = min(s.failed.get(size, budget), budget)
-        if s.trial is not None and size >= s.trial and s.limit is not None and s.limit < size:
+        if s.trial is not None and s.limit is not None and s.limit < size:
             s.trial, s.settled = None, True
             log.info("micro-batch %d ran out of memory in its trial step; back to %d",
                      size, s.limit)
@@ -226,7 +226,11 @@ class MicroBatchPolicy:
             return
         if s.trial is not None:
             if largest < s.trial:
-                return  # the step had too few samples to run the trial size: try it next step
+                # The step did not run the trial size (too few samples): what it measured may
+                # still say the trial cannot fit; otherwise try it next step.
+                if measuring and budget is not None:
+                    self._choose(budget, "measured")
+                return
             size, s.trial = s.trial, None
             if peak is None or budget is None or peak <= budget * (1 - self.final_margin):
                 self._set_limit(size, "trial step ran", budget)
