@@ -513,6 +513,26 @@ def test_is_a_memory_backend_and_delegates(monkeypatch: pytest.MonkeyPatch) -> N
     assert big.numel() == 1000
 
 
+def test_peak_and_alloc_retries_come_from_one_memory_stats_call() -> None:
+    """With torch.cuda.memory_stats, the peak read also refreshes the allocator's retry count
+    (cudaMalloc retried after freeing the cache): the thrash signal costs no query of its own."""
+    cuda = cuda_view()
+    stats = {"allocated_bytes.all.peak": 123, "num_alloc_retries": 0}
+    calls: list[int] = []
+
+    def memory_stats(device: int) -> dict[str, int]:
+        calls.append(device)
+        return dict(stats)
+
+    cuda.memory_stats = memory_stats  # type: ignore[attr-defined]
+    mem = CudaMemory(torch.device("cuda", 1), nvml=FakeNvml(three_gpus()), cuda=cuda)
+    assert mem.peak_bytes() == 123 and mem.alloc_retries() == 0
+    stats["num_alloc_retries"] = 2
+    assert mem.alloc_retries() == 0  # not refreshed until the next peak read
+    assert mem.peak_bytes() == 123 and mem.alloc_retries() == 2
+    assert calls == [1, 1]
+
+
 def test_device_none_uses_current_device() -> None:
     cuda = cuda_view()
     cuda.current_device = lambda: 1  # type: ignore[method-assign]
