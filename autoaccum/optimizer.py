@@ -320,8 +320,11 @@ class AutoAccumOptimizer(InnerFacade):
                 raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
             flat = flatten_batch(batch)
             self._loss_fn = loss_fn
-            with self._active():
+            if self.memory is None:
                 loss = self._accumulate(loss_fn, flat, call)
+            else:
+                with self.memory.active(self._resident()):
+                    loss = self._accumulate(loss_fn, flat, call)
         except BaseException as exc:
             self._fail(call, exc)
             raise
@@ -528,20 +531,27 @@ class AutoAccumOptimizer(InnerFacade):
     def _call_loss(self) -> torch.Tensor:
         """The call's mean loss (token mode: summed loss over summed items), from the weighted
         losses its micro-batches ran backward on: a stack and a sum per call (plus a scale when
-        the call is not exactly one step), no host sync."""
+        the call is not exactly one step), no host sync. Drops the call's references to them."""
         token = self._token_mode
         total: Any = 0.0
         count: Any = 0
-        single = len(self._call_chunks) == 1
-        for c in self._call_chunks:
-            losses = c.losses
-            part = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-            n = sum(c.items) if token else c.size
-            if single and isinstance(n, int) and n == c.den:
-                return part
-            total = total + part * c.den
-            count = count + n
-        return total / count
+        chunks = self._call_chunks
+        grad_mode = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            for c in chunks:
+                losses, c.losses = c.losses, []
+                part = losses[0].detach() if len(losses) == 1 else torch.stack(losses).sum()
+                n = sum(c.items) if token else c.size
+                if len(chunks) == 1:  # the common case: one op at most
+                    if isinstance(n, int):
+                        return part if n == c.den else part * (c.den / n)
+                    return part * c.den / n
+                total = total + part * c.den
+                count = count + n
+            return total / count
+        finally:
+            torch._C._set_grad_enabled(grad_mode)
 
     def _fail(self, call: int, exc: BaseException) -> None:
         """Restore the invariant after ``exc``: drop what this call brought to the unfinished
@@ -736,12 +746,14 @@ class AutoAccumOptimizer(InnerFacade):
         """Normalize, reduce (multi-rank), unscale, clip and step once. Any failure here ends the
         step (its samples count as consumed; parameters may be partly updated); in a multi-rank
         job every rank learns of it in the closing confirmation."""
-        grads = [p.grad for p in self._trainable if p.grad is not None]
+        exact = type(total) is int and total == denominator
+        grads = [] if exact and self._dist is None else [
+            p.grad for p in self._trainable if p.grad is not None]
         error: BaseException | None = None
         try:
             # .grad holds (sum of this rank's contributions) / denominator; make it this rank's
             # part of the global mean (a no-op for a full single-process step in mean mode).
-            if grads and not (isinstance(total, (int, float)) and total == denominator):
+            if grads and not exact:
                 if isinstance(total, torch.Tensor):
                     factor = (denominator / total.to(torch.float64)).to(grads[0].dtype)
                     torch._foreach_mul_(grads, factor.to(grads[0].device))
@@ -869,7 +881,10 @@ class AutoAccumOptimizer(InnerFacade):
                     phase = 1
                     (weighted if scaler is None else scaler.scale(weighted)).backward()
                     phase = 0
-                    losses.append(weighted.detach())
+                    # Kept as is: a detach per micro-batch costs more than the whole rest of the
+                    # loop's bookkeeping. Its graph's saved tensors are already freed by backward;
+                    # _call_loss drops these references when the call returns.
+                    losses.append(weighted)
                     if token:
                         items_list.append(items)
                     if aux is not None:
