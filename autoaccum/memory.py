@@ -9,7 +9,8 @@ A backend answers four questions for the planner and one for the OOM handler:
 
 Optional: ``alloc_retries()``, a counter that rises when the allocator had to free its cache and
 retry an allocation (CUDA's ``num_alloc_retries``); a rise during a step makes the plan step down
-one size even though the step ran.
+one size even though the step ran. ``headroom``, the fraction of the budget a measured size must
+leave free (0 when absent: an exact meter such as :class:`~autoaccum.SimulatedDevice`).
 
 ``active(tensors)`` is a context manager the optimizer enters around everything it runs (forward,
 backward, optimizer step). Real devices return a null context; :class:`~autoaccum.SimulatedDevice`
@@ -432,6 +433,15 @@ class CudaMemory:
 
     def __repr__(self) -> str:
         return f"CudaMemory(device=cuda:{self.index})"
+
+    @property
+    def headroom(self) -> float:
+        """Fraction of the budget a measured size must leave free: the caching allocator rounds
+        blocks and can fragment, so a peak of exactly the free bytes would not fit. 1% with
+        ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (segments grow in place), 3%
+        otherwise; a size that then thrashes the allocator steps down on its own."""
+        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
+        return 0.01 if "expandable_segments:true" in conf else 0.03
 
     @property
     def device(self) -> torch.device:

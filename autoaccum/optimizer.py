@@ -226,6 +226,7 @@ class AutoAccumOptimizer(InnerFacade):
             initial[rank],
             pinned=micro_batch_size,
             planning=self.memory is not None,
+            final_margin=float(getattr(self.memory, "headroom", 0.0)),
             single_pass_saving=max(p.numel() * p.element_size() for p in self._params),
             param_bytes=self._param_bytes,
         )

@@ -553,6 +553,14 @@ def test_default_backend() -> None:
     assert isinstance(backend, CudaMemory) and backend.index == 1
 
 
+def test_headroom_is_smaller_with_expandable_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    mem = CudaMemory(torch.device("cuda", 0), nvml=FakeNvml(three_gpus()), cuda=cuda_view())
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert mem.headroom == 0.03
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:True")
+    assert mem.headroom == 0.01
+
+
 # ------------------------------------------------------------------------------------------------
 # resolve_visible_device (pure)
 # ------------------------------------------------------------------------------------------------
