@@ -274,32 +274,38 @@ def test_slowdown_one_never_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
             m = (m @ m).tanh()
 
 
-def test_slowdown_sleeps_in_proportion_to_the_measured_op_time(
+def test_slowdown_times_every_op_and_owes_slowdown_minus_one_times_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With slowdown s, every op owes (s - 1) times its own measured time of sleep, paid in
-    sleeps of at least 1 ms. Checked on what the device measured and asked for, not on wall
-    time, so a busy machine cannot make it flaky."""
+    """Every op inside ``active`` is timed and owes (s - 1) times its time; debts are paid in
+    sleeps of at least 1 ms. Checked on a fake clock that a sleep advances, not on wall time, so
+    a busy machine cannot make it flaky."""
     measured: list[float] = []
     dev = SimulatedDevice(GIB, slowdown=3.0)
     real_owe = dev._owe_time
-
-    def owe(elapsed: float) -> None:
-        measured.append(elapsed)
-        real_owe(elapsed)
-
-    monkeypatch.setattr(dev, "_owe_time", owe)
-    slept: list[float] = []
-    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(dev, "_owe_time", lambda e: (measured.append(e), real_owe(e)))
     m = torch.randn(64, 64)
     with dev.active([]):
         for _ in range(10):
             (m @ m).tanh_()
     assert len(measured) >= 20 and all(e > 0 for e in measured)  # every op was timed
-    assert all(s >= 1e-3 for s in slept[:-1])  # batched, not one sleep per tiny op
-    # What was asked for is what was owed (the fake sleep returns at once, so nothing is
-    # credited back as oversleep beyond the clock reads around it).
-    assert sum(slept) == pytest.approx(2.0 * sum(measured), rel=0.5, abs=2e-3)
+
+    clock = {"t": 0.0}
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock["t"] += seconds
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(time, "sleep", sleep)
+    dev = SimulatedDevice(GIB, slowdown=3.0)
+    for _ in range(10):
+        dev._owe_time(4e-4)  # each op took 0.4 ms: 0.8 ms owed
+    assert all(s >= 1e-3 for s in slept) and len(slept) == 5  # batched: every other op
+    assert sum(slept) + dev._debt_s == pytest.approx(10 * 8e-4)
+    dev.synchronize()  # what is still owed is paid when the device is waited for
+    assert sum(slept) == pytest.approx(10 * 8e-4) and dev._debt_s == 0
 
 
 @pytest.mark.parametrize(
