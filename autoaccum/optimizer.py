@@ -430,6 +430,7 @@ class AutoAccumOptimizer(InnerFacade):
         self._count_chunks(self._step.chunks)
         self.optimizer.zero_grad(set_to_none=True)  # pending samples are replayed into zeros
         self._sentinel = None
+        self._baseline = None  # resident bytes are measured again at the next step
 
     # ---------------------------------------------------------------- internals: setup
     def _refresh_params(self) -> None:
