@@ -150,15 +150,16 @@ def next_probe_size(first: tuple[int, int] | None, free_bytes: int, cap: int) ->
 
     It takes half of what the first probe's pessimistic model says fits, so it lands near the
     operating point and the fit extrapolates only a short way; it is always a different size from
-    the first.
+    the first, and never under 2 where the cap allows (BatchNorm).
     """
     if first is None:
         return min(cap, max(2, cap // 64))
     b1 = first[0]
+    low = min(2, cap)
     guess = choose_micro_batch(fit_memory_model([first]), free_bytes, 0, 0.0, cap) // 2
-    b2 = max(1, min(cap, guess))
+    b2 = max(low, min(cap, guess))
     if b2 == b1:
-        b2 = b1 + 1 if b1 < cap else max(1, b1 - 1)
+        b2 = b1 + 1 if b1 < cap else max(low, b1 - 1)
     return b2
 
 
@@ -209,8 +210,8 @@ def choose_sizes(
     or when the model predicts ``<= budget * (1 - margin)``. A size is worth a *trial* when it was
     not measured and the model predicts ``<= budget * (1 - final_margin)`` (for ``cap`` itself, a
     step of one micro-batch, less ``single_pass_saving``): the trial step measures it, and an OOM
-    there costs one retry of that step. Sizes ``>= ceiling`` (failed at this free memory) are
-    never chosen. ``limit`` is at least 1.
+    there costs one retry of that step. Sizes ``>= ceiling`` (failed at this free memory), and
+    sizes at or above one measured over budget, are never chosen. ``limit`` is at least 1.
     """
     if not (0 <= final_margin <= margin < 1):
         raise ValueError(f"need 0 <= final_margin <= margin < 1, got {final_margin}, {margin}")
@@ -218,10 +219,23 @@ def choose_sizes(
     tight = budget * (1 - final_margin)
     safe = budget * (1 - margin)
     measured_fit = max((b for b, p in observed.items() if p <= tight), default=0)
-    if model.per_sample_bytes > 0:
-        reach = (tight + single_pass_saving - model.fixed_bytes) / model.per_sample_bytes
-        top = min(top, max(measured_fit, math.floor(reach) if reach < cap else cap))
     trial = None
+    if top == cap:  # one micro-batch per step: no gradient to add into, its own case
+        # It peaks at least what a smaller accumulating size measured, less the saving.
+        floor = max((p - single_pass_saving for b, p in observed.items() if b < cap), default=0)
+        predicted = max(model.peak(cap), floor)
+        if measured_fit == cap or (cap not in observed and predicted <= safe):
+            return SizeChoice(cap, None)
+        if cap not in observed and max(predicted - single_pass_saving, floor) <= tight:
+            trial = cap
+        top = cap - 1
+    too_big = min((b for b, p in observed.items() if p > tight and b < cap), default=None)
+    if too_big is not None:  # a peak grows with the micro-batch: nothing larger fits either
+        top = min(top, too_big - 1)
+    measured_fit = min(measured_fit, top)
+    if model.per_sample_bytes > 0:
+        reach = (tight - model.fixed_bytes) / model.per_sample_bytes
+        top = min(top, max(measured_fit, math.floor(reach)))
     for b in achievable_sizes_desc(cap, top):
         if b <= measured_fit:
             return SizeChoice(b, trial)
@@ -230,8 +244,7 @@ def choose_sizes(
         predicted = model.peak(b)
         if predicted <= safe:
             return SizeChoice(b, trial)
-        saving = single_pass_saving if b == cap else 0.0
-        if trial is None and predicted - saving <= tight:
+        if trial is None and predicted <= tight:
             trial = b
     return SizeChoice(1, trial if trial != 1 else None)
 

@@ -152,7 +152,7 @@ class MicroBatchPolicy:
         s.observed[size] = max(s.observed.get(size, 0.0), float(peak_above_baseline))
         if len(s.probes) >= 2 or size >= self.cap:
             self._refit()
-            self._choose(budget, "planned")
+            self._choose(budget, "planned", mid_step=True)
 
     def observe_start(self, budget: int) -> None:
         """The activation budget at a step's start. Re-plans when it moved by more than the
@@ -215,9 +215,13 @@ class MicroBatchPolicy:
         if had_oom:
             return
         measuring = self.planning and s.model is not None
+        over = False
         if measuring and peak is not None and largest > 0:
             s.observed[largest] = max(s.observed.get(largest, 0.0), float(peak))
             self._refit()
+            # A size planned from the model alone that measures over budget (it ran only because
+            # the step had room the steady state will not have) is not kept, settled or not.
+            over = budget is not None and peak > budget * (1 - self.final_margin)
         if thrash and s.limit is not None:
             size = self.limit or s.limit
             s.failed[size] = float(budget if budget is not None else s.budget or 0)
@@ -239,15 +243,18 @@ class MicroBatchPolicy:
             if measuring and budget is not None:
                 self._choose(budget, "measured")
             return
-        if measuring and not s.settled and budget is not None:
-            self._choose(budget, "measured")
+        if measuring and (over or not s.settled) and budget is not None:
+            self._choose(budget, "measured over budget" if over else "measured")
             return
         s.clean_steps += 1
         self._maybe_grow_back(budget)
 
     # -- internals ---------------------------------------------------------------------------
     def _refit(self) -> None:
-        model = planner.refine_memory_model(self._s.observed)
+        # A step of one micro-batch (the whole share) allocates no gradient temporaries, so its
+        # peak lies below the line of the accumulating sizes: fit the line without it.
+        points = {b: p for b, p in self._s.observed.items() if b < self.cap}
+        model = planner.refine_memory_model(points or self._s.observed)
         self._s.model = (model.fixed_bytes, model.per_sample_bytes)
 
     def _ceiling(self, budget: float) -> int | None:
@@ -256,19 +263,30 @@ class MicroBatchPolicy:
                   if budget <= at * (1 + self.replan_tolerance)]
         return min(failed) if failed else None
 
-    def _choose(self, budget: float, why: str) -> None:
+    def _choose(self, budget: float, why: str, mid_step: bool = False) -> None:
+        """Re-plan for ``budget``. ``mid_step``: the current step has already run micro-batches,
+        so a trial of the whole share in one micro-batch (which saves only when it is the step's
+        first) waits for the next step."""
         s = self._s
         model = self.memory_model
         assert model is not None
         s.budget = float(budget)
+        # A step of one micro-batch allocates no gradient temporaries (backward steals each
+        # gradient into .grad): worth a trial if it fits with at most all the gradients saved.
+        # A wrong guess costs one OOM in the trial step, and is not repeated.
+        saving = max(self.single_pass_saving, self.param_bytes)
         choice = planner.choose_sizes(
             model, s.observed, budget, self.cap, margin=self.margin,
-            final_margin=self.final_margin, single_pass_saving=self.single_pass_saving,
+            final_margin=self.final_margin, single_pass_saving=saving,
             ceiling=self._ceiling(budget),
         )
         self._set_limit(choice.limit, why, budget)
-        s.trial = choice.trial
-        s.settled = choice.trial is None
+        trial = choice.trial
+        if mid_step and trial == self.cap:
+            s.trial, s.settled = None, False  # chosen again at the step's end
+            return
+        s.trial = trial
+        s.settled = trial is None
         if choice.trial is not None:
             s.trials += 1
             log.info("trying micro-batch %d for one step (%s predicts it fits)", choice.trial, why)
