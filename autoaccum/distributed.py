@@ -14,14 +14,20 @@ DDP's own gradient sync switched off):
    after the agreement (reduction, clipping, the inner step) ends the step on every rank with a
    clear error, whatever collective the ranks would run next.
 
+How gradients are reduced, and which collectives must match, is a strategy the driver picks at
+construction (:class:`GradientSync`): this module's base class is replicated parameters (a plain
+module or DDP, steps 2 above); :mod:`autoaccum.sharded` has ZeRO-1 and FSDP2.
+
 Nothing here runs per micro-batch. Failure messages travel as fixed-size byte tensors (no pickling,
 so no numpy is needed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +42,8 @@ _MESSAGE_BYTES = 1024
 class PeerFailedError(RuntimeError):
     """Another rank failed during this step; every rank raises so the job ends, not hangs."""
 
+    autoaccum_remote = True  # never this rank's own out-of-memory error (autoaccum.oom.is_oom)
+
 
 @dataclass(frozen=True)
 class Context:
@@ -47,12 +55,13 @@ class Context:
     group: dist.ProcessGroup | None = None
 
 
-def context(group: dist.ProcessGroup | None = None) -> Context | None:
-    """The job this process is in, or None outside a multi-rank job."""
+def context(group: dist.ProcessGroup | None = None, single: bool = False) -> Context | None:
+    """The job this process is in, or None outside a multi-rank job (``single``: also a job of
+    one process, for FSDP2 models, whose collectives run whatever the world size)."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     world = dist.get_world_size(group)
-    if world == 1:
+    if world == 1 and not single:
         return None
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend:
@@ -60,19 +69,6 @@ def context(group: dist.ProcessGroup | None = None) -> Context | None:
     else:
         device = torch.device("cpu")
     return Context(dist.get_rank(group), world, device, group)
-
-
-def check_replicated(params: Iterable[torch.Tensor]) -> None:
-    """Refuse sharded (DTensor) parameters: the step reduces whole gradients across ranks, which
-    is right for replicated (DDP-style) parameters only."""
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in params):
-        raise NotImplementedError(
-            "AutoAccumOptimizer got sharded (DTensor) parameters, e.g. from FSDP2's fully_shard, "
-            "in a multi-rank job; it reduces whole gradients itself and supports replicated "
-            "parameters (DDP, or a plain module) only. Keep the FSDP2 model on a plain optimizer."
-        )
 
 
 def agree(ctx: Context, row: Sequence[float | torch.Tensor]) -> torch.Tensor:
@@ -221,3 +217,147 @@ class GradientReducer:
         if current:
             plan.append((current_bucket, current))
         return plan
+
+
+class GradientSync:
+    """How a step's gradients are reduced across ranks and which collectives must match: the
+    strategy :class:`~autoaccum.AutoAccumOptimizer` picks at construction (see
+    :func:`autoaccum.sharded.gradient_sync`) and calls at a few points of every step.
+
+    This base class is for replicated parameters (a plain module, or DDP): micro-batches run under
+    DDP's ``no_sync``, the step sums whole gradients through one reusable bucket. Subclasses:
+    :class:`autoaccum.sharded.Zero1Sync` (ZeroRedundancyOptimizer), :class:`autoaccum.sharded.
+    FSDPSync` (FSDP2's ``fully_shard``).
+
+    What the driver calls, per step of a multi-rank job (one process: only :meth:`micro_context`,
+    :meth:`clip`, :meth:`step` and the state-dict methods)::
+
+        begin_step()            before the step's first micro-batch; every rank, every step
+        micro_context()         around micro-batches
+        (rounds)                FSDP only (``rounds``): the micro-batch protocol of FSDPSync
+        prepare(params)         before the agreement: allocate what the reduction needs
+        -- agreement --
+        reduce(ctx, params, s)  sum this rank's gradients, each scaled by s, over the ranks;
+                                returns an error instead of raising
+        step(inner_step)        the inner optimizer's step (clip(...) inside it)
+        -- confirm --
+        after_confirm()         only when every rank's step succeeded
+        end_step()              after the step, also after any failure
+        fail(exc, ...)          any exception out of step()/flush(): True if the peers were told
+    """
+
+    kind = "replicated"
+    rounds = False  # the driver runs FSDPSync's round protocol before the agreement
+    rewind_on_failure = False  # any failure drops the step's gradients (FSDP's gathered state)
+
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
+        self.model = model
+        self._no_sync: Callable[[], Any] | None = getattr(model, "no_sync", None)
+        self.reducer = GradientReducer()
+
+    # ------------------------------------------------------------------ planning
+    @property
+    def in_step(self) -> bool:
+        """Between :meth:`begin_step` and :meth:`end_step` (always False when they do nothing)."""
+        return False
+
+    @property
+    def defers_micro_batches(self) -> bool:
+        """Whether micro-batches wait for the step's end (their collectives need every rank)."""
+        return False
+
+    def state_owner(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
+                    ) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        """The optimizer that allocates this rank's state, and the parameters it keeps state for
+        (the planner reserves their state before the first step)."""
+        return optimizer, params
+
+    def extra_bytes(self) -> int:
+        """Bytes a step holds beyond the resident parameters, gradients and optimizer state while
+        its micro-batches run (activations not included)."""
+        return 0
+
+    def missing_bytes(self) -> int:
+        """Bytes of :meth:`extra_bytes` the step has not allocated yet."""
+        return 0
+
+    def accumulator(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """A tensor whose ``.grad`` holds the step's accumulated gradient (the driver notices
+        changes to it between calls)."""
+        return params[0] if params else None
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Tensors this strategy keeps between steps (memory backends count them)."""
+        return self.reducer.buffers()
+
+    # ------------------------------------------------------------------ a step
+    def begin_step(self) -> None:
+        """Before the step's first micro-batch (or its agreement, on a rank without samples)."""
+
+    def micro_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Around micro-batches: DDP's ``no_sync``, so that the reduction waits for the agreement
+        and a backward OOM can never leave DDP's reducer waiting for an interrupted one."""
+        no_sync = self._no_sync
+        return contextlib.nullcontext() if no_sync is None else no_sync()  # type: ignore[no-any-return]
+
+    def materialize_local_grads(self) -> None:
+        """Allocate the gradients the strategy accumulates outside ``.grad`` (before a probe)."""
+
+    def clear_local_grads(self) -> None:
+        """Drop the gradients the strategy accumulates outside ``.grad`` (a rewind)."""
+
+    def prepare(self, params: Sequence[torch.Tensor]) -> None:
+        """Before the agreement: zero gradients where missing (every rank reduces the same
+        tensors) and the bucket. May raise (an OOM), before any peer waits in a collective."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.reducer.prepare([p.grad for p in params])  # type: ignore[misc]
+
+    def reduce(self, ctx: Context, params: Sequence[torch.Tensor], scale: Any
+               ) -> BaseException | None:
+        """After the agreement: scale this rank's gradients by ``scale`` (None: as they are) and
+        sum them over the ranks. Returns the first local error instead of raising; every
+        collective runs on every rank."""
+        grads = [p.grad for p in params if p.grad is not None]
+        error: BaseException | None = None
+        if scale is not None and grads:
+            try:
+                torch._foreach_mul_(grads, scale)  # type: ignore[arg-type]
+            except BaseException as exc:
+                error = exc
+        return self.reducer.reduce(ctx, grads) or error  # type: ignore[arg-type]
+
+    def clip(self, params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip the summed gradients to ``max_norm``; returns the total norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def step(self, inner_step: Callable[[], None]) -> None:
+        """The inner optimizer's step (unscale, clip, step), before the closing confirmation."""
+        inner_step()
+
+    def after_confirm(self) -> None:
+        """After every rank confirmed its step (ZeRO-1: the parameter broadcast)."""
+
+    def end_step(self) -> None:
+        """After the step, or after a failure (no collective)."""
+
+    def fail(self, exc: BaseException, in_backward: bool, agreed: bool = False) -> bool:
+        """An exception is leaving ``step()``/``flush()`` (``agreed``: after the step's
+        agreement). Tell the peers if they wait at a meeting point of this strategy (returns
+        True), and leave a legal state."""
+        return False
+
+    # ------------------------------------------------------------------ checkpoints
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer,
+                                  state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+
+def params_iter(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """Every parameter of ``optimizer``, in order."""
+    for group in optimizer.param_groups:
+        yield from group["params"]

@@ -26,9 +26,13 @@ _OOM_MESSAGES = (
 
 
 def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` means the device ran out of memory (by type, else by documented message)."""
+    """Whether ``exc`` means the device ran out of memory (by type, else by documented message).
+    Never for errors that report another rank's failure (``autoaccum_remote``), whatever their
+    message quotes."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
+    if getattr(exc, "autoaccum_remote", False):
+        return False
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 

@@ -17,6 +17,8 @@ import contextlib
 import inspect
 import logging
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim import Optimizer
 
-from . import distributed
+from . import distributed, sharded
 from . import oom as oom_mod
 from . import outputs as out_mod
 from .batching import FlatBatch, flatten_batch, restore_batch, to_device
@@ -46,10 +48,11 @@ from .policy import MicroBatchPolicy, OutOfMemoryForOneSample
 from .step import Chunk, LossFn, StepState
 
 log = logging.getLogger("autoaccum")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 _WRAPPER_KEYWORDS = (
     "target_batch_size", "micro_batch_size", "memory", "model", "grad_scaler", "max_grad_norm",
-    "shares", "count_items",
+    "shares", "count_items", "fsdp_mode",
 )
 _NO_BATCH: Any = object()
 _CHECKPOINT_VERSION = 2
@@ -134,6 +137,16 @@ class _Oom(NamedTuple):
     size: int
     phase: str
     message: str
+    peer: tuple[int, ...] = ()  # FSDP: a peer ran out of memory (its phases); not this rank
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package (the
+    user's ``opt.step``/``zero_grad`` line), however deep inside autoaccum it is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
 
 
 class AutoAccumOptimizer(InnerFacade):
@@ -183,6 +196,7 @@ class AutoAccumOptimizer(InnerFacade):
         max_grad_norm: float | None = None,
         shares: str | list[int] = "equal",
         count_items: Callable[[Any], Any] | None = None,
+        fsdp_mode: str = "gather_once",
         **kwargs: Any,
     ) -> None:
         _check_positive_int("target_batch_size", target_batch_size)
@@ -206,12 +220,19 @@ class AutoAccumOptimizer(InnerFacade):
             )
         if count_items is not None and not callable(count_items):
             raise TypeError(f"count_items must be callable, got {type(count_items).__name__}")
+        if fsdp_mode not in sharded.MODES:
+            raise ValueError(f"fsdp_mode must be 'gather_once' or 'per_micro', got {fsdp_mode!r}")
         dist_ctx = distributed.context()
         world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx else (1, 0)
         initial = _initial_shares(shares, target_batch_size, world)
         inner = _build_inner(optimizer, args, kwargs)
-        if dist_ctx is not None:
-            distributed.check_replicated(p for g in inner.param_groups for p in g["params"])
+        # How gradients are reduced and which collectives must match: replicated, ZeRO-1 or
+        # FSDP2 (refusing the rest); FSDP2 runs its step protocol in a world of one too.
+        self._gsync = sharded.gradient_sync(model, inner, dist_ctx, fsdp_mode=fsdp_mode,
+                                            grad_scaler=grad_scaler)
+        self._sharded = self._gsync.kind == "fsdp"
+        if self._sharded and dist_ctx is None:
+            dist_ctx = distributed.context(single=True)
 
         self.optimizer = inner
         self._zero_grad_profile_name = "Optimizer.zero_grad#AutoAccumOptimizer.zero_grad"
@@ -227,7 +248,7 @@ class AutoAccumOptimizer(InnerFacade):
             pinned=micro_batch_size,
             planning=self.memory is not None,
             final_margin=float(getattr(self.memory, "headroom", 0.0)),
-            single_pass_saving=max(p.numel() * p.element_size() for p in self._params),
+            single_pass_saving=max(sharded.local_bytes([p]) for p in self._params),
             param_bytes=self._param_bytes,
         )
         self.optimizer_steps = 0
@@ -244,7 +265,6 @@ class AutoAccumOptimizer(InnerFacade):
         self.share_min_gain = 0.03  # predicted step-time gain below which shares stay
         self._dist = dist_ctx
         self._rank = rank
-        self._reducer = distributed.GradientReducer()
         self._rates: list[list[list[float]]] = []  # per step, per rank: [samples, seconds]
         self._agreed = False  # this rank entered the current step's agreement
         self._flushed_by_peer = False
@@ -254,6 +274,8 @@ class AutoAccumOptimizer(InnerFacade):
         self._step_ooms = 0
         self._step_free: int | None = None
         self._step_budget: int | None = None
+        self._step_extra = 0  # bytes the gradient sync holds during the step (FSDP)
+        self._dummy: tuple[FlatBatch, LossFn] | None = None  # FSDP per_micro: a padding sample
         self._baseline: int | None = None  # allocated bytes between steps
         self._last_step_end: float | None = None
         self._last_sizes: tuple[int, ...] | None = None
@@ -324,7 +346,7 @@ class AutoAccumOptimizer(InnerFacade):
             if self.memory is None:
                 loss = self._accumulate(loss_fn, flat, call)
             else:
-                with self.memory.active(self._resident()):
+                with self._active():
                     loss = self._accumulate(loss_fn, flat, call)
         except BaseException as exc:
             self._fail(call, exc)
@@ -353,6 +375,8 @@ class AutoAccumOptimizer(InnerFacade):
         self._agreed = False
         try:
             with self._active():
+                if self._step.chunks:
+                    self._check_grads_untouched()
                 if self._step.needs_replay:
                     self._replay(loss_fn or self._loss_fn)
                 return self._finish_step(flush=True)
@@ -383,7 +407,7 @@ class AutoAccumOptimizer(InnerFacade):
         and compact copies of the unfinished step's samples (replayed after loading). Loadable
         with ``torch.load``'s default ``weights_only=True`` when the batches hold only tensors
         and plain Python values."""
-        sd = self.optimizer.state_dict()
+        sd = self._gsync.optimizer_state_dict(self.optimizer)
         sd["autoaccum"] = {
             "version": _CHECKPOINT_VERSION,
             "target_batch_size": self.target_batch_size,
@@ -411,7 +435,8 @@ class AutoAccumOptimizer(InnerFacade):
         restored: tuple[Any, ...] | None = None
         if own is not None:
             restored = self._parse_own_state(own)
-        self.optimizer.load_state_dict(state_dict)
+        self._gsync.load_optimizer_state_dict(self.optimizer, state_dict)
+        self._gsync.end_step()  # FSDP: the next call starts the step's collectives afresh
         self._refresh_params()
         self._fresh = True
         if restored is None:
@@ -428,7 +453,7 @@ class AutoAccumOptimizer(InnerFacade):
         for flat in pending:
             self._step.add(Chunk(flat, _replay_needs_loss_fn, call=-1))
         self._count_chunks(self._step.chunks)
-        self.optimizer.zero_grad(set_to_none=True)  # pending samples are replayed into zeros
+        self._clear_grads()  # pending samples are replayed into zeros
         self._sentinel = None
         self._baseline = None  # resident bytes are measured again at the next step
 
@@ -439,8 +464,12 @@ class AutoAccumOptimizer(InnerFacade):
             raise ValueError("the optimizer has no parameters")
         self._trainable = [p for p in self._params if p.requires_grad]
         self._param_device = self._params[0].device
-        self._param_bytes = sum(p.numel() * p.element_size() for p in self._params)
-        self._grad_bytes = sum(p.numel() * p.element_size() for p in self._trainable)
+        self._param_bytes = sharded.local_bytes(self._params)  # this rank's shards
+        self._grad_bytes = sharded.local_bytes(self._trainable)
+        # The optimizer that allocates this rank's state and the parameters it keeps state for
+        # (ZeRO-1: the local optimizer and this rank's partition).
+        self._state_opt, self._state_params = self._gsync.state_owner(self.optimizer,
+                                                                      self._params)
         self._state_complete = False
 
     def _parse_own_state(self, own: dict[str, Any]) -> tuple[Any, ...]:
@@ -486,16 +515,17 @@ class AutoAccumOptimizer(InnerFacade):
             yield p
             if p.grad is not None:
                 yield p.grad
-        for st in self.optimizer.state.values():
+        for st in self._state_opt.state.values():
             for v in st.values():
                 if isinstance(v, torch.Tensor):
                     yield v
-        yield from self._reducer.buffers()
+        yield from self._gsync.buffers()
 
     def _active(self) -> contextlib.AbstractContextManager[None]:
         if self.memory is None:
             return contextlib.nullcontext()
-        return self.memory.active(self._resident())
+        resident = self._resident()  # memory backends count local shards, not global tensors
+        return self.memory.active(sharded.local_tensors(resident) if self._sharded else resident)
 
     # ---------------------------------------------------------------- internals: a call
     def _accumulate(self, loss_fn: LossFn, flat: FlatBatch, call: int) -> torch.Tensor:
@@ -516,7 +546,9 @@ class AutoAccumOptimizer(InnerFacade):
             step.add(chunk)
             self._call_chunks.append(chunk)
             offset += take
-            if self.fast_path and not self.policy.probing:
+            if self._sharded and self._gsync.defers_micro_batches:
+                pass  # FSDP per_micro: every rank runs its micro-batches at the step's end
+            elif self.fast_path and not self.policy.probing:
                 failure = self._run_fast(chunk)
                 if failure is not None:  # the fast path's frame, and the failed graph, are gone
                     self._recover(failure)
@@ -541,8 +573,12 @@ class AutoAccumOptimizer(InnerFacade):
         grad_mode = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
+            ran = False
             for c in chunks:
                 losses, c.losses = c.losses, []
+                if not losses:  # FSDP per_micro: waits for the step's end
+                    continue
+                ran = True
                 part = losses[0].detach() if len(losses) == 1 else torch.stack(losses).sum()
                 n = sum(c.items) if token else c.size
                 if len(chunks) == 1:  # the common case: one op at most
@@ -551,7 +587,7 @@ class AutoAccumOptimizer(InnerFacade):
                     return part * c.den / n
                 total = total + part * c.den
                 count = count + n
-            return total / count
+            return total / count if ran else torch.full((), math.nan, device=self._param_device)
         finally:
             torch._C._set_grad_enabled(grad_mode)
 
@@ -560,7 +596,8 @@ class AutoAccumOptimizer(InnerFacade):
         step; if a partial gradient may be in ``.grad``, clear it and mark the rest for replay.
         Then tell the other ranks and annotate the exception."""
         step = self._step
-        partial = self._in_backward or any(
+        in_backward = self._in_backward
+        partial = in_backward or self._gsync.rewind_on_failure or any(
             c.done for c in step.chunks if c.call == call
         )
         step.drop_call(call)
@@ -569,7 +606,7 @@ class AutoAccumOptimizer(InnerFacade):
             step.rewind(self._clear_grads)
         self._call_chunks = []
         self.outputs = []
-        self._tell_peers(exc)
+        self._tell_peers(exc, in_backward)
         consumed = self.last_call_consumed
         with contextlib.suppress(Exception):
             exc.autoaccum_consumed = consumed  # type: ignore[attr-defined]
@@ -582,6 +619,7 @@ class AutoAccumOptimizer(InnerFacade):
 
     def _clear_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self._gsync.clear_local_grads()
 
     def _count(self, part: FlatBatch) -> int:
         assert self.count_items is not None
@@ -605,6 +643,7 @@ class AutoAccumOptimizer(InnerFacade):
                                        "replayed: pass the loss_fn to flush() or call step()")
                 chunk.loss_fn = loss_fn
             chunk.check_unchanged()
+        self._begin_sync()
         self._drain()
 
     def _check_grads_untouched(self) -> None:
@@ -613,7 +652,7 @@ class AutoAccumOptimizer(InnerFacade):
         if self._sentinel is None:
             return
         grad, version = self._sentinel
-        now = self._trainable[0].grad if self._trainable else None
+        now = self._accumulator_grad()
         if now is grad and (now is None or now._version == version):
             return
         if not self._step.accumulated:
@@ -629,8 +668,15 @@ class AutoAccumOptimizer(InnerFacade):
 
     def _remember_grads(self) -> None:
         if self._trainable:
-            g = self._trainable[0].grad
+            g = self._accumulator_grad()
             self._sentinel = (g, g._version if g is not None else 0)
+
+    def _accumulator_grad(self) -> torch.Tensor | None:
+        """The gradient the step accumulates into (FSDP: an unsharded one), first parameter."""
+        if not self._sharded:
+            return self._trainable[0].grad if self._trainable else None
+        holder = self._gsync.accumulator(self._trainable)
+        return holder.grad if holder is not None else None
 
     def _check_call_items(self, chunk: Chunk) -> None:
         if any(isinstance(x, torch.Tensor) for x in chunk.items):
@@ -654,40 +700,42 @@ class AutoAccumOptimizer(InnerFacade):
         if self._fresh:
             self._fresh = False
             self._clear_grads()  # a step starts from zero gradients, whatever the user left
-        if self.memory is None:
-            return
-        free = self.memory.free_bytes()
-        self.memory.reset_peak()
-        if self._baseline is None:
-            self._baseline = self.memory.allocated_bytes()
-        self._step_free = free
-        self._step_budget = free - self._grad_bytes - self._reserve_bytes()
-        if self.optimizer_steps == 0 and self.policy.probing:
-            self._check_inner_step_fits(free)
-        self.policy.observe_start(self._step_budget)
+        self._step_extra = self._gsync.extra_bytes()
+        if self.memory is not None:  # measured before FSDP gathers anything for the step
+            free = self.memory.free_bytes()
+            self.memory.reset_peak()
+            if self._baseline is None:
+                self._baseline = self.memory.allocated_bytes()
+            self._step_free = free
+            self._step_budget = (free - self._grad_bytes - self._reserve_bytes()
+                                 - self._step_extra)
+            if self.optimizer_steps == 0 and self.policy.probing:
+                self._check_inner_step_fits(free)
+            self.policy.observe_start(self._step_budget)
+        self._begin_sync()
+
+    def _begin_sync(self) -> None:
+        """The gradient sync's step start (FSDP gather_once: every unit gathered), once per
+        step on every rank, before its first micro-batch or, without samples, its agreement."""
+        if self._dist is not None and not self._gsync.in_step:
+            self._gsync.begin_step()
 
     def _reserve_bytes(self) -> int:
         """Optimizer state the inner optimizer will allocate at its first step."""
         if self._state_complete:
             return 0
-        inner = self.optimizer
-        local = getattr(inner, "optim", None)  # ZeroRedundancyOptimizer: this rank's shard
-        if isinstance(local, Optimizer) and hasattr(inner, "_partition_parameters"):
-            inner, params = local, [p for g in local.param_groups for p in g["params"]]
-        else:
-            params = self._params
-        buffers = state_buffers_per_param(inner)
-        missing = [p for p in params if p.requires_grad and not self.optimizer.state.get(p)
-                   and not inner.state.get(p)]
+        inner = self._state_opt  # ZeRO-1: the local optimizer, over this rank's partition
+        missing = [p for p in self._state_params if p.requires_grad and not inner.state.get(p)]
         if not missing and self.optimizer_steps > 0:
             self._state_complete = True
-        return sum(buffers * p.numel() * p.element_size() for p in missing)
+        return state_buffers_per_param(inner) * sharded.local_bytes(missing)
 
     def _check_inner_step_fits(self, free: int) -> None:
         """Before training: gradients, optimizer state and the inner step's temporaries must fit,
         or no micro-batch size can help."""
         state = self._reserve_bytes()
-        temps = step_temporaries(self.optimizer, self._trainable)
+        trained = [p for p in self._state_params if p.requires_grad]
+        temps = step_temporaries(self._state_opt, list(sharded.local_tensors(trained)))
         need = self._grad_bytes + state + temps
         if need <= free:
             return
@@ -706,19 +754,23 @@ class AutoAccumOptimizer(InnerFacade):
         """All of the step's samples are in .grad: agree across ranks, normalize, reduce, clip,
         step once, zero. Returns False when no rank had a sample (a distributed flush)."""
         step = self._step
+        if self._dist is not None:
+            self._begin_sync()  # a rank without samples in this step (a flush) joins it here
+            if self._gsync.rounds:
+                self._run_rounds()
         samples = step.count
         items = sum(x for c in step.chunks for x in c.items) if self._token_mode else samples
         denominator = step.denominator if step.denominator is not None else step.size
         table = None
         peak = self.memory.peak_bytes() if self.memory is not None else None
         if self._dist is not None:
-            self._materialize_grads()  # every rank reduces the same tensors
-            self._reducer.prepare([p.grad for p in self._trainable])  # type: ignore[misc]
+            self._gsync.prepare(self._trainable)  # e.g. zeros and the bucket, before agreeing
             table = self._agree(True, items, samples, flush=flush)
             self._flushed_by_peer = not flush and bool(table[:, distributed.FLUSH].any())
             total: Any = float(table[:, distributed.ITEMS].sum())
             if total == 0:
                 step.take()
+                self._gsync.end_step()
                 return False
         else:
             total = items
@@ -737,6 +789,7 @@ class AutoAccumOptimizer(InnerFacade):
             self._apply(total, denominator)
         finally:
             self._clear_grads()
+            self._gsync.end_step()
         self._agreed = False  # (after a failure it stays set: the peers already know)
         self.optimizer_steps += 1
         self._end_of_step(samples, peak)
@@ -749,24 +802,25 @@ class AutoAccumOptimizer(InnerFacade):
         step (its samples count as consumed; parameters may be partly updated); in a multi-rank
         job every rank learns of it in the closing confirmation."""
         exact = type(total) is int and total == denominator
-        grads = [] if exact and self._dist is None else [
-            p.grad for p in self._trainable if p.grad is not None]
         error: BaseException | None = None
-        try:
-            # .grad holds (sum of this rank's contributions) / denominator; make it this rank's
-            # part of the global mean (a no-op for a full single-process step in mean mode).
-            if grads and not exact:
-                if isinstance(total, torch.Tensor):
-                    factor = (denominator / total.to(torch.float64)).to(grads[0].dtype)
-                    torch._foreach_mul_(grads, factor.to(grads[0].device))
-                else:
-                    torch._foreach_mul_(grads, denominator / total)
-        except BaseException as exc:
-            error = exc
-        if self._dist is not None:
-            error = error or self._reducer.reduce(self._dist, grads)  # type: ignore[arg-type]
-        if error is None:
+        # .grad holds (sum of this rank's contributions) / denominator; make it this rank's
+        # part of the global mean (a no-op for a full single-process step in mean mode).
+        if self._dist is not None:  # scaled, summed over the ranks, inner step: the strategy's
+            error = self._gsync.reduce(self._dist, self._trainable, denominator / total)
+            if error is None:
+                try:
+                    self._gsync.step(self._inner_step)
+                except BaseException as exc:
+                    error = exc
+        else:
             try:
+                grads = [] if exact else [p.grad for p in self._trainable if p.grad is not None]
+                if grads:
+                    if isinstance(total, torch.Tensor):
+                        factor = (denominator / total.to(torch.float64)).to(grads[0].dtype)
+                        torch._foreach_mul_(grads, factor.to(grads[0].device))
+                    else:
+                        torch._foreach_mul_(grads, denominator / total)
                 self._inner_step()
             except BaseException as exc:
                 error = exc
@@ -780,6 +834,7 @@ class AutoAccumOptimizer(InnerFacade):
             )
         if self._dist is not None:
             distributed.confirm(self._dist, error, f"optimizer step {self.optimizer_steps + 1}")
+            self._gsync.after_confirm()  # ZeRO-1: the parameter broadcast, now that all succeeded
         elif error is not None:
             raise error
 
@@ -788,8 +843,7 @@ class AutoAccumOptimizer(InnerFacade):
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(inner)
         if self.max_grad_norm is not None:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable,
-                                                                 self.max_grad_norm)
+            self.last_grad_norm = self._gsync.clip(self._trainable, self.max_grad_norm)
         if self.grad_scaler is not None:
             self.grad_scaler.step(inner)
             if self.grad_scaler.is_enabled():
@@ -810,7 +864,7 @@ class AutoAccumOptimizer(InnerFacade):
         thrash = False
         if self.memory is not None and peak is not None:
             if self._baseline is not None:
-                measured = float(peak - self._baseline - self._grad_bytes)
+                measured = float(peak - self._baseline - self._grad_bytes - self._step_extra)
             # Resident bytes between steps (gradients cleared): the next step's baseline.
             self._baseline = self.memory.allocated_bytes()
             retries = getattr(self.memory, "alloc_retries", None)
@@ -861,7 +915,7 @@ class AutoAccumOptimizer(InnerFacade):
         failure: _Oom | None = None
         started = time.perf_counter()
         try:
-            with self._sync_context():
+            with self._gsync.micro_context():
                 for leaves in parts:
                     size = sizes[k]
                     if move:
@@ -924,6 +978,8 @@ class AutoAccumOptimizer(InnerFacade):
         step = self._step
         while True:
             todo = step.advance()
+            if self._sharded and self._gsync.defers_micro_batches:
+                todo = None  # FSDP per_micro: in rounds at the step's end (_run_rounds)
             if todo is None:
                 if self.auto_shares:  # time the work, not the queueing
                     if self._param_device.type == "cuda":
@@ -938,6 +994,87 @@ class AutoAccumOptimizer(InnerFacade):
             if failure is not None:  # out of the except block: the failed frames are gone
                 self._recover(failure)
 
+    def _run_rounds(self) -> None:
+        """FSDP, before the agreement: what is not in ``.grad`` yet runs locally (gather_once) or
+        in rounds of a micro-batch count every rank agrees (per_micro: FSDP's collectives run
+        inside them; a rank with no sample left pads with zero-weight dummies), until every rank
+        has run all of its samples. A peer's OOM stops this rank at the next exchange, then
+        both replay."""
+        sync: Any = self._gsync
+        step = self._step
+        if step.chunks:
+            first = step.chunks[0]
+            part = first.flat.slice(0, 1)  # one sample, copied: the padding of later rounds
+            leaves = [x.clone() if i in part.tensors else x for i, x in enumerate(part.leaves)]
+            self._dummy = (FlatBatch(leaves, part.spec, part.tensors, 1, part.device,
+                                     part.rebuild), first.loss_fn)
+        while True:
+            self._drain()  # gather_once (also after a rewind): locally, no collective
+            started = time.perf_counter()
+            failure: _Oom | None = None
+            try:
+                k = sync.round_count(self._wanted())
+                if k == 0:
+                    break
+                for _ in range(k):
+                    todo = step.advance()
+                    probing = self.policy.probing and self.memory is not None
+                    failure = (self._try_dummy() if todo is None else self._try_micro_step(
+                        todo, self._next_size(todo.size - todo.done, probing), probing))
+                    if failure is not None:
+                        break
+            except sharded.PeerOutOfMemory as exc:  # met at the round count
+                failure = _Oom(0, "forward", oom_mod.describe(exc), tuple(exc.phases))
+            self._step_seconds += time.perf_counter() - started
+            if failure is not None:
+                self._recover(failure)
+        if self._token_mode:
+            for chunk in step.chunks:
+                self._check_call_items(chunk)
+
+    def _wanted(self) -> int:
+        """per_micro: how many micro-batches this rank still needs (one per round while probing);
+        gather_once: 0 (its micro-batches ran locally)."""
+        step = self._step
+        if not self._gsync.defers_micro_batches or step.advance() is None:
+            return 0
+        if self.policy.probing and self.memory is not None:
+            return 1
+        limit = self.policy.limit
+        return sum(1 if limit is None else -(-(c.size - c.done) // limit)
+                   for c in step.chunks if c.done < c.size)
+
+    def _try_dummy(self) -> _Oom | None:
+        """A micro-batch of weight 0 on one sample: FSDP's collectives run as on the peers, the
+        gradient it adds is exactly 0 (per_micro, a rank with no sample left in a round)."""
+        if self._dummy is None:
+            raise RuntimeError("FSDP per_micro: this rank has no sample to pad a round with (it "
+                               "has not run any sample yet); give every rank samples")
+        flat, loss_fn = self._dummy
+        self._in_backward = False
+        try:
+            with self._gsync.micro_context():
+                out = loss_fn(flat.micro(0, 1, self._param_device))
+                loss = out_mod.read(out, out_mod.form_of(out)).loss
+                self._in_backward = True
+                (loss * 0.0).backward()
+                self._in_backward = False
+        except BaseException as exc:
+            return self._micro_failure(exc, 1)
+        return None
+
+    def _after_fallback(self) -> None:
+        """Every rank dropped FSDP's gathered parameters (gather_once -> per_micro): plan the rest
+        from the memory that freed."""
+        self._step_extra = self._gsync.extra_bytes()
+        if self.memory is None:
+            return
+        self.memory.reset_peak()
+        budget = (self.memory.free_bytes() - self._grad_bytes - self._reserve_bytes()
+                  - self._step_extra)
+        self._step_budget = budget
+        self.policy.after_fallback(budget)
+
     def _next_size(self, remaining: int, probing: bool) -> int:
         limit = self.policy.limit
         if probing:
@@ -950,7 +1087,8 @@ class AutoAccumOptimizer(InnerFacade):
         return self.memory.free_bytes() - self._reserve_bytes() - self._missing_grad_bytes()
 
     def _missing_grad_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self._trainable if p.grad is None)
+        missing = sharded.local_bytes(p for p in self._trainable if p.grad is None)
+        return missing + self._gsync.missing_bytes()
 
     def _try_micro_step(self, chunk: Chunk, size: int, probing: bool) -> _Oom | None:
         self._in_backward = False
@@ -963,7 +1101,7 @@ class AutoAccumOptimizer(InnerFacade):
                 baseline = self.memory.allocated_bytes()
                 self.memory.reset_peak()
             micro = chunk.flat.micro(chunk.done, chunk.done + size, self._param_device)
-            with self._sync_context():
+            with self._gsync.micro_context():
                 out = chunk.loss_fn(micro)
                 output = self._read_checked(out, out_mod.form_of(out))
                 den = chunk.den = self._denominator()
@@ -973,11 +1111,7 @@ class AutoAccumOptimizer(InnerFacade):
                 scaled.backward()
                 self._in_backward = False
         except BaseException as exc:
-            if not oom_mod.is_oom(exc):
-                raise
-            phase = "backward" if self._in_backward else "forward"
-            self._in_backward = False
-            return _Oom(size, phase, oom_mod.describe(exc))
+            return self._micro_failure(exc, size)
         chunk.record(weighted, output.items, size, output.aux)
         if probing:
             assert self.memory is not None
@@ -998,27 +1132,40 @@ class AutoAccumOptimizer(InnerFacade):
                 "one optimizer needs one mode for every step"
             )
 
-    def _sync_context(self) -> contextlib.AbstractContextManager[Any]:
-        """Every micro-batch runs under DDP's ``no_sync``: the step reduces the gradients itself
-        once all ranks agree (multi-rank), or needs no reduction at all (one rank). A backward
-        OOM can then never leave DDP's reducer waiting for an interrupted reduction."""
-        ddp = self.model
-        if ddp is None or not hasattr(ddp, "no_sync"):
-            return contextlib.nullcontext()
-        return ddp.no_sync()  # type: ignore[operator]
+    def _micro_failure(self, exc: BaseException, size: int) -> _Oom:
+        """An exception out of a micro-batch of the full path: an OOM (this rank's, or a peer's
+        that stopped this micro-batch at an FSDP guard) to recover from, or re-raised."""
+        peer = tuple(exc.phases) if isinstance(exc, sharded.PeerOutOfMemory) else ()
+        if not peer and not oom_mod.is_oom(exc):
+            raise exc
+        phase = "backward" if self._in_backward else "forward"
+        self._in_backward = False
+        return _Oom(size, phase, oom_mod.describe(exc), peer)
 
     def _materialize_grads(self) -> None:
         """Allocate missing gradients as zeros (adding into a zero gradient gives exactly the
-        gradient): before a probe, so its peak counts the same resident bytes as every later
-        micro-batch, and before a multi-rank reduction, so every rank reduces the same tensors."""
+        gradient) before a probe, so that its peak counts the same resident bytes as every later
+        micro-batch (FSDP: also the unsharded gradients it accumulates)."""
         for p in self._trainable:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        self._gsync.materialize_local_grads()
 
     def _recover(self, failure: _Oom) -> None:
+        backward = failure.phase == "backward"
+        sync: Any = self._gsync
+        if failure.peer:  # FSDP: a peer's OOM stopped this rank's micro-batch; no size change
+            fallbacks = sync.fallbacks
+            if sync.recover(in_backward=backward, peer_phases=failure.peer):
+                self._step.rewind(self._clear_grads)
+            oom_mod.release(self.memory)
+            if sync.fallbacks != fallbacks:
+                self._after_fallback()
+            log.info("%s; replaying", failure.message)
+            return
         self.oom_events += 1
         self._step_ooms += 1
-        if failure.phase == "backward":
+        if backward:
             # .grad holds part of a micro-batch: start the step's accumulation over (before
             # anything else can raise, so the invariant holds whatever happens next).
             self._step.rewind(self._clear_grads)
@@ -1028,7 +1175,17 @@ class AutoAccumOptimizer(InnerFacade):
         try:
             new = self.policy.on_oom(failure.size, self._step_budget, failure.message)
         except OutOfMemoryForOneSample:
-            raise self._one_sample_error(failure, free) from None
+            if not (self._sharded and sync.can_fall_back):
+                raise self._one_sample_error(failure, free) from None
+            # FSDP gather_once: one sample does not fit next to the gathered parameters; every
+            # rank drops them and runs per micro-batch (the others hear of it at their next
+            # exchange). The step starts over.
+            sync.recover(in_backward=backward, message=failure.message, smallest=True)
+            self._step.rewind(self._clear_grads)
+            self._after_fallback()
+            return
+        if self._sharded:  # FSDP: a legal state again (per_micro: the peers hear of it)
+            sync.recover(in_backward=backward, message=failure.message)
         log.warning(
             "out of memory in %s at micro-batch %d (%s free): %s; continuing at %d%s",
             failure.phase, failure.size, free_txt, failure.message, new,
@@ -1049,7 +1206,7 @@ class AutoAccumOptimizer(InnerFacade):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=_user_stacklevel())
             log.warning(message)
 
     # ---------------------------------------------------------------- distributed
@@ -1073,11 +1230,13 @@ class AutoAccumOptimizer(InnerFacade):
                 )
         return table
 
-    def _tell_peers(self, exc: BaseException) -> None:
+    def _tell_peers(self, exc: BaseException, in_backward: bool = False) -> None:
         """This rank is about to raise before reaching the step's agreement: let the others stop
-        there instead of waiting forever. After the agreement, the closing confirmation tells
-        them instead."""
-        if self._dist is None or self._agreed or isinstance(exc, distributed.PeerFailedError):
+        there (FSDP: at the guard exchange they are at) instead of waiting forever. After the
+        agreement, the closing confirmation tells them instead."""
+        told = self._gsync.fail(exc, in_backward, self._agreed)
+        if self._dist is None or self._agreed or told or isinstance(exc,
+                                                                    distributed.PeerFailedError):
             return
         message = f"{type(exc).__name__}: {oom_mod.describe(exc)}"
         with contextlib.suppress(Exception):

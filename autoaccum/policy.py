@@ -196,6 +196,17 @@ class MicroBatchPolicy:
         self._set_limit(new, f"out of memory at {size}", budget)
         return new
 
+    def after_fallback(self, budget: int) -> None:
+        """Memory held for the whole step was released (FSDP stopped holding every unit
+        gathered): forget the sizes that failed next to it and plan again for ``budget``."""
+        s = self._s
+        s.failed.clear()
+        s.trial = None
+        if self.memory_model is not None:
+            self._choose(budget, "gathered parameters released")
+        elif self.pinned is not None:
+            self._set_limit(self.pinned, "gathered parameters released", budget)
+
     def end_of_step(
         self,
         largest: int,

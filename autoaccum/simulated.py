@@ -17,6 +17,11 @@ The op whose output would push the count past ``capacity_bytes`` raises
 the exception is cleared. ``capacity_bytes`` and ``slowdown`` may be changed at any time, from any
 thread, also from inside a forward pass; a new capacity applies from the next allocation on.
 
+Sharded tensors count at their local size: a DTensor's bytes are those of its local shard on this
+rank. FSDP2 allocates and frees its unsharded parameters by resizing storages, which no op reports:
+the device wraps FSDP2's two helpers for that, so gathered parameters count while they are
+gathered (and a gather that would pass the capacity raises, as on a GPU).
+
 Limits: memory that no op reports is invisible: kernel workspaces, allocations in other threads
 (e.g. data-loader workers), storages created without an ATen op (``torch.from_numpy``, unpickling)
 and tensors created before ``active`` unless passed in as ``tensors``. Inputs that are already on
@@ -57,6 +62,41 @@ _FRESH_DESPITE_ANNOTATION = frozenset({"aten::lift_fresh"})  # torch.tensor(...)
 _MIN_SLEEP_S = 1e-3
 
 _return_kinds_cache: dict[Any, tuple[int, ...]] = {}
+_devices: weakref.WeakSet[SimulatedDevice] = weakref.WeakSet()  # to tell of freed storages
+_active_here = threading.local()  # .device: the device whose active() this thread is in
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns this rank's memory: a DTensor's local shard, else ``tensor``."""
+    return getattr(tensor, "_local_tensor", tensor)  # type: ignore[no-any-return]
+
+
+def _hook_fsdp_storage() -> None:
+    """Wrap FSDP2's ``alloc_storage`` / ``free_storage`` (storage resizes, not ops) once, if
+    FSDP2 is loaded: an allocation counts on the device active in this thread (raising before it
+    happens if it would pass the capacity); a free uncounts the storage on every device."""
+    param_mod: Any = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_param")
+    if param_mod is None or getattr(param_mod.alloc_storage, "_autoaccum", False):
+        return
+    real_alloc, real_free = param_mod.alloc_storage, param_mod.free_storage
+
+    def alloc_storage(tensor: torch.Tensor) -> None:
+        device = getattr(_active_here, "device", None)
+        if device is not None:
+            device._resize(tensor.untyped_storage(), tensor.numel() * tensor.itemsize)
+        real_alloc(tensor)
+
+    def free_storage(tensor: torch.Tensor) -> None:
+        real_free(tensor)
+        storage = tensor.untyped_storage()
+        for device in list(_devices):
+            device._resized(storage)
+
+    alloc_storage._autoaccum = free_storage._autoaccum = True  # type: ignore[attr-defined]
+    param_mod.alloc_storage, param_mod.free_storage = alloc_storage, free_storage
+    group_mod: Any = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_param_group")
+    if group_mod is not None and hasattr(group_mod, "alloc_storage"):
+        group_mod.alloc_storage = alloc_storage
 
 
 def _return_kinds(func: Any) -> tuple[int, ...]:
@@ -66,9 +106,14 @@ def _return_kinds(func: Any) -> tuple[int, ...]:
         schema = getattr(func, "_schema", None)  # higher-order operators have none
         name = getattr(schema, "name", "")
         result = []
+        # In-place collectives (c10d::allreduce_, _allgather_base_, ...) return the tensors they
+        # were given, unannotated: they allocate nothing.
+        in_place_collective = name.startswith("c10d::") and name.endswith("_")
         for ret in getattr(schema, "returns", ()):
             alias = ret.alias_info
-            if name in _FRESH_DESPITE_ANNOTATION:
+            if in_place_collective:
+                result.append(_VIEW)
+            elif name in _FRESH_DESPITE_ANNOTATION:
                 result.append(_FRESH)
             elif alias is None:
                 result.append(_VIEW if name in _ALIASING_WITHOUT_ANNOTATION else _FRESH)
@@ -169,6 +214,7 @@ class SimulatedDevice:
         self.name = str(name)
         self.capacity_bytes = capacity_bytes
         self.slowdown = slowdown
+        _devices.add(self)
 
     def __repr__(self) -> str:
         return (
@@ -253,10 +299,13 @@ class SimulatedDevice:
             return
         local.depth = 1
         compiled_before = _dynamo_frames_seen()
+        _hook_fsdp_storage()
+        outer, _active_here.device = getattr(_active_here, "device", None), self
         try:
             with _Mode(self):
                 yield
         finally:
+            _active_here.device = outer
             local.depth = 0
             self.synchronize()
             if not self._warned_compile and _dynamo_frames_seen() > compiled_before:
@@ -281,7 +330,7 @@ class SimulatedDevice:
     def _register(self, tensor: torch.Tensor) -> None:
         """Count ``tensor``'s storage as resident (no capacity check), once."""
         try:
-            storage = tensor.untyped_storage()
+            storage = _local(tensor).untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
             return
         if storage.device.type == "meta":
@@ -318,6 +367,8 @@ class SimulatedDevice:
         for tensor in outs:
             if not isinstance(tensor, torch.Tensor):
                 continue
+            if type(tensor) is not torch.Tensor:  # a DTensor counts its local shard
+                tensor = _local(tensor)
             try:
                 storage = tensor.untyped_storage()
             except (RuntimeError, NotImplementedError):
@@ -369,6 +420,29 @@ class SimulatedDevice:
                     self._allocated += nbytes - old
                     self._peak = max(self._peak, self._allocated)
         return None
+
+    def _resize(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        """``storage`` is about to be resized to ``nbytes`` (FSDP gathering a unit): count it,
+        or raise the OOM a GPU would raise, before anything happens."""
+        with self._lock:
+            entry = self._live.get(id(storage))
+            extra = nbytes - (entry[1] if entry is not None else 0)
+            if extra > 0 and self._allocated + extra > self._capacity:
+                raise torch.OutOfMemoryError(self._oom_message(extra))
+            if entry is None:
+                self._track(storage, nbytes)
+                return
+            self._live[id(storage)] = (entry[0], nbytes)
+            self._allocated += extra
+            self._peak = max(self._peak, self._allocated)
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """``storage`` was resized without an op (FSDP freeing a unit): count its new size."""
+        with self._lock:
+            entry = self._live.get(id(storage))
+            if entry is not None and entry[0]() is storage and storage.nbytes() != entry[1]:
+                self._allocated += storage.nbytes() - entry[1]
+                self._live[id(storage)] = (entry[0], storage.nbytes())
 
     def _oom_message(self, requested: int) -> str:
         where = (
