@@ -22,11 +22,13 @@ def rank_slice(shares: list[int], rank: int, start: int, stop: int) -> tuple[int
 
 
 def exactness(rank: int, world: int, shares: list[int], micros: list[int], token: bool, n: int,
-              target: int, faults: dict[int, dict[str, set[int]]], use_ddp: bool) -> Any:
+              target: int, faults: dict[int, dict[str, set[int]]], use_ddp: bool,
+              zero1: bool = False) -> Any:
     data = make_data(n)
     model = make_model()
     net: nn.Module = DistributedDataParallel(model) if use_ddp else model
-    opt = autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=target,
+    opt = autoaccum.AutoAccumOptimizer(zero1_sgd(model) if zero1 else sgd(model.parameters()),
+                                       target_batch_size=target,
                                        shares=shares, micro_batch_size=micros[rank],
                                        model=net if use_ddp else None)
     mine = faults.get(rank, {})
@@ -146,7 +148,15 @@ def ddp_world_of_one_recovers_from_a_last_backward_oom(rank: int, world: int) ->
             "oom_events": opt.oom_events, "steps": opt.optimizer_steps}
 
 
-def failure_after_the_agreement(rank: int, world: int, where: str) -> Any:
+def zero1_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    """tests/helpers.sgd as ZeRO-1: each rank keeps the momentum of its partition only."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1,
+                                   momentum=0.9)
+
+
+def failure_after_the_agreement(rank: int, world: int, where: str, zero1: bool = False) -> Any:
     """Rank 1 fails after every rank agreed: in its inner optimizer step (an OOM) or inside the
     gradient reduction (a local copy). Every rank must raise, and then run the user's next
     collective (a barrier before saving, say) without hanging."""
@@ -155,8 +165,10 @@ def failure_after_the_agreement(rank: int, world: int, where: str) -> Any:
     sys.modules["numpy"] = None  # type: ignore[assignment]  # messages must not need numpy
     data = make_data(16)
     model = make_model()
-    inner = sgd(model.parameters())
+    inner = zero1_sgd(model) if zero1 else sgd(model.parameters())
     opt = autoaccum.AutoAccumOptimizer(inner, target_batch_size=16, micro_batch_size=4)
+    if zero1:  # ZeroRedundancyOptimizer.step() runs its local optimizer's step first
+        inner = inner.optim  # type: ignore[assignment]
     if rank == 1 and where == "inner step":
         def failing_step(*_a: Any, **_k: Any) -> None:
             raise torch.OutOfMemoryError(OOM)

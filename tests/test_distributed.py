@@ -34,14 +34,16 @@ def test_ddp_model_with_unequal_shares():
     check_exact(results, n, target, False)
 
 
-def test_oom_on_one_rank_in_forward_and_in_its_last_backward():
+@pytest.mark.parametrize("zero1", [False, True], ids=["ddp", "zero1"])
+def test_oom_on_one_rank_in_forward_and_in_its_last_backward(zero1):
     # Rank 0: forward OOM on its 2nd micro-batch. Rank 1 (micro 4, share 12 -> 3 micro-batches
     # per step): OOM in the backward of its last micro-batch of the first step, the moment a
-    # DDP-synchronized step would have been all-reducing.
+    # DDP-synchronized step would have been all-reducing. ZeRO-1: the same, with each rank
+    # stepping its partition and the parameters broadcast after every rank confirmed.
     n, target = 48, 16
     faults = {0: {"forward": {2}}, 1: {"backward": {3}}}
     results = run_ranks(dist_workers.exactness, 2, [4, 12], [2, 4], False, n, target, faults,
-                        True)
+                        True, zero1)
     values = check_exact(results, n, target, False)
     assert [v["oom_events"] for v in values] == [1, 1]
 
@@ -94,9 +96,10 @@ def test_ddp_in_a_one_process_job_recovers_from_an_oom_in_its_last_backward():
     assert values[0]["oom_events"] == 1 and values[0]["steps"] == 2
 
 
+@pytest.mark.parametrize("zero1", [False, True], ids=["ddp", "zero1"])
 @pytest.mark.parametrize("where", ["inner step", "reduction"])
-def test_a_failure_after_the_agreement_ends_every_rank_and_never_hangs(where):
-    results = run_ranks(dist_workers.failure_after_the_agreement, 2, where, timeout=60)
+def test_a_failure_after_the_agreement_ends_every_rank_and_never_hangs(where, zero1):
+    results = run_ranks(dist_workers.failure_after_the_agreement, 2, where, zero1, timeout=60)
     for rank, (status, value) in results.items():
         assert status == "ok", f"rank {rank} hung or crashed:\n{value}"
     failing, peer = results[1][1]["error"], results[0][1]["error"]
