@@ -122,7 +122,7 @@ class StepRecord(NamedTuple):
     micro_batch_size: int  # largest micro-batch that ran
     accumulation_steps: int  # micro-batches whose gradients the step used
     oom_events: int  # OOMs recovered from during the step
-    peak_bytes: int | None  # peak allocated during the step (inner optimizer step included)
+    peak_bytes: int | None  # peak allocated while its micro-batches ran (before the inner step)
     free_bytes: int | None  # free at the step's start, before its first micro-batch
     seconds: float  # wall time since the previous step ended (data loading included)
     samples_per_s: float  # samples / seconds, this rank

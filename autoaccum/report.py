@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from .optimizer import AutoAccumOptimizer, StepRecord
@@ -44,6 +44,7 @@ def plot_history(
     path: str | os.PathLike[str],
     *,
     title: str | None = None,
+    losses: Mapping[int, float] | None = None,
 ) -> pathlib.Path:
     """Draw a run's step history into a PNG file at ``path`` and return that path.
 
@@ -56,7 +57,10 @@ def plot_history(
     2. peak memory during the step and free memory at its end, in MiB; without a memory backend
        (fields ``None``) the panel says "no memory backend";
     3. throughput in samples/s, each step and (from 10 steps on) the median of the 5 steps
-       around it.
+       around it;
+    4. with ``losses`` (optimizer step number, as in ``StepRecord.step``, to that step's loss,
+       e.g. collected from ``opt.step``'s return values): the training loss, on a panel above
+       the others.
 
     Steps that recovered from out-of-memory errors get a red vertical line on every panel (and a
     red cross, with the count when more than one, in the first); the legend entry "OOM (n)" gives
@@ -69,10 +73,12 @@ def plot_history(
 
     Raises:
         ValueError: the history is empty (no optimizer step has finished yet).
-        TypeError: ``history`` is neither an optimizer nor a sequence of step records.
+        TypeError: ``history`` is neither an optimizer nor a sequence of step records, or
+            ``losses`` is not a mapping of step numbers to numbers.
         ImportError: matplotlib is not installed.
     """
     records = _records(history)
+    loss_points = _loss_points(losses)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -92,9 +98,17 @@ def plot_history(
     total_ooms = sum(n for _, n in ooms)
 
     # A Figure with an explicit Agg canvas: no pyplot, so the caller's backend is left alone.
-    fig = Figure(figsize=(13, 9), layout="constrained")
+    fig = Figure(figsize=(13, 11 if loss_points else 9), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_size, ax_mem, ax_rate = fig.subplots(3, 1, sharex=True, height_ratios=(1.4, 1, 1))
+    if loss_points:
+        ax_loss, ax_size, ax_mem, ax_rate = fig.subplots(4, 1, sharex=True,
+                                                         height_ratios=(1, 1.4, 1, 1))
+        ax_loss.plot([p[0] for p in loss_points], [p[1] for p in loss_points], color="#2ca02c",
+                     lw=1.8, marker="." if len(loss_points) <= 200 else "", ms=4)
+        ax_loss.set_ylabel("training loss")
+        ax_loss.grid(True, alpha=0.3)
+    else:
+        ax_size, ax_mem, ax_rate = fig.subplots(3, 1, sharex=True, height_ratios=(1.4, 1, 1))
 
     dot = "." if len(records) <= 200 else ""  # a marker per step, while they stay apart
 
@@ -187,9 +201,22 @@ def plot_history(
         samples = max(r.samples for r in records)
         title = (f"autoaccum: {len(records)} optimizer steps of {samples} samples, "
                  f"{total_ooms} OOM event{'s' if total_ooms != 1 else ''} recovered")
-    ax_size.set_title(title, fontsize=13)
+    (ax_loss if loss_points else ax_size).set_title(title, fontsize=13)
     fig.savefig(out, format="png", dpi=110)
     return out
+
+
+def _loss_points(losses: Any) -> list[tuple[int, float]]:
+    if losses is None:
+        return []
+    if not isinstance(losses, Mapping):
+        raise TypeError(f"plot_history(losses=...) takes a mapping of optimizer step number to "
+                        f"loss, got {type(losses).__name__}; e.g. {{opt.optimizer_steps: loss}}")
+    try:
+        return sorted((int(k), float(v)) for k, v in losses.items())
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"plot_history(losses=...): step numbers must be ints and losses "
+                        f"must be numbers ({exc})") from None
 
 
 def _records(history: Any) -> list[StepRecord]:

@@ -134,3 +134,21 @@ def test_first_step_probes_are_not_a_size_change() -> None:
     hist = [record(1, 315), record(2, 342), record(3, 342)]
     assert _size_changes(hist) == []
     assert _squeezed_spans(hist) == []
+
+
+def test_losses_add_a_fourth_panel_and_bad_losses_raise(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    history = squeeze_history()
+    plain = plot_history(history, tmp_path / "plain.png")
+    losses = {r.step: 2.0 / r.step for r in history}
+    with_loss = plot_history(history, tmp_path / "loss.png", losses=losses)
+    assert_png(with_loss)
+    # the loss panel makes the figure taller than the three-panel one
+    assert (matplotlib.image.imread(with_loss).shape[0]
+            > matplotlib.image.imread(plain).shape[0])
+    with pytest.raises(TypeError, match="mapping of optimizer step number to loss"):
+        plot_history(history, tmp_path / "bad.png", losses=[1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="losses must be numbers"):
+        plot_history(history, tmp_path / "bad.png", losses={1: "high"})  # type: ignore[dict-item]
+    assert not (tmp_path / "bad.png").exists()
