@@ -4,7 +4,8 @@ from .data import ShareSampler, ShareSchedule
 from .distributed import PeerFailedError
 from .losses import causal_lm_loss, count_causal_lm_items
 from .memory import MemoryBackend
-from .optimizer import AutoAccumOptimizer, Plan, StepOutOfMemoryError, StepRecord
+from .optimizer import AutoAccumOptimizer
+from .records import Plan, StepOutOfMemoryError, StepRecord
 from .report import plot_history
 from .simulated import SimulatedDevice
 

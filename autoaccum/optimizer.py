@@ -14,7 +14,6 @@ same :class:`~autoaccum.step.StepState`, whose invariant makes any exception saf
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
@@ -30,13 +29,18 @@ from torch.optim import Optimizer
 from . import distributed, sharded
 from . import oom as oom_mod
 from . import outputs as out_mod
+from .arguments import (
+    build_inner,
+    check_non_negative_int,
+    check_positive_int,
+    initial_shares,
+)
 from .batching import FlatBatch, flatten_batch, restore_batch, to_device
 from .data import ShareSchedule
 from .facade import InnerFacade
 from .memory import MemoryBackend, default_backend
 from .planner import (
     balanced_split,
-    check_shares,
     equal_shares,
     first_split,
     proportional_shares,
@@ -45,92 +49,14 @@ from .planner import (
     step_time,
 )
 from .policy import MicroBatchPolicy, OutOfMemoryForOneSample
+from .records import MicroBatchSizes, Plan, StepOutOfMemoryError, StepRecord
 from .step import Chunk, LossFn, StepState
 
 log = logging.getLogger("autoaccum")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
-_WRAPPER_KEYWORDS = (
-    "target_batch_size", "micro_batch_size", "memory", "model", "grad_scaler", "max_grad_norm",
-    "shares", "count_items", "fsdp_mode",
-)
 _NO_BATCH: Any = object()
 _CHECKPOINT_VERSION = 2
-
-
-class MicroBatchSizes(Sequence[int]):
-    """The sizes of a balanced split of ``n`` samples at ``limit``, without building the list
-    (a target of 10**9 at a limit of 1 stays small). Compares equal to the tuple it stands for."""
-
-    __slots__ = ("_limit", "_n", "_sizes")
-
-    def __init__(self, n: int, limit: int | None, sizes: tuple[int, ...] | None = None):
-        self._n, self._limit, self._sizes = n, limit, sizes
-
-    def _count(self) -> tuple[int, int, int]:
-        k = 1 if self._limit is None or self._limit >= self._n else -(-self._n // self._limit)
-        base, extra = divmod(self._n, k) if self._n else (0, 0)
-        return k if self._n else 0, base, extra
-
-    def __len__(self) -> int:
-        return len(self._sizes) if self._sizes is not None else self._count()[0]
-
-    def __getitem__(self, i: Any) -> Any:
-        if self._sizes is not None:
-            return self._sizes[i]
-        if isinstance(i, slice):
-            return tuple(self[j] for j in range(*i.indices(len(self))))
-        k, base, extra = self._count()
-        if i < 0:
-            i += k
-        if not 0 <= i < k:
-            raise IndexError(i)
-        return base + 1 if i < extra else base
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (tuple, list, MicroBatchSizes)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(tuple(self))
-
-    def __repr__(self) -> str:
-        if len(self) <= 16:
-            return repr(tuple(self))
-        return f"({self[0]}, {self[1]}, ..., {self[-1]}: {len(self)} micro-batches)"
-
-
-class Plan(NamedTuple):
-    """How steps are cut into micro-batches.
-
-    ``micro_batch_size`` is the current limit (None: no limit, one micro-batch per call).
-    ``micro_batch_sizes`` are the micro-batches of the last finished step (before the first step,
-    the planned split of a full one); ``accumulation_steps`` is their count.
-    """
-
-    micro_batch_size: int | None
-    accumulation_steps: int
-    micro_batch_sizes: Sequence[int]
-
-
-class StepRecord(NamedTuple):
-    """What one optimizer step did (``opt.history``); memory fields are None without a backend."""
-
-    step: int  # optimizer steps done after this one (the first step is 1)
-    samples: int  # this rank's samples in the step
-    micro_batch_size: int  # largest micro-batch that ran
-    accumulation_steps: int  # micro-batches whose gradients the step used
-    oom_events: int  # OOMs recovered from during the step
-    peak_bytes: int | None  # peak allocated while its micro-batches ran (before the inner step)
-    free_bytes: int | None  # free at the step's start, before its first micro-batch
-    seconds: float  # wall time since the previous step ended (data loading included)
-    samples_per_s: float  # samples / seconds, this rank
-    compute_seconds: float  # this rank's forward/backward time in the step (no waiting, no data)
-
-
-class StepOutOfMemoryError(RuntimeError):
-    """The inner optimizer's step ran out of memory (or cannot fit); see the message."""
 
 
 class _Oom(NamedTuple):
@@ -199,9 +125,9 @@ class AutoAccumOptimizer(InnerFacade):
         fsdp_mode: str = "gather_once",
         **kwargs: Any,
     ) -> None:
-        _check_positive_int("target_batch_size", target_batch_size)
+        check_positive_int("target_batch_size", target_batch_size)
         if micro_batch_size is not None:
-            _check_positive_int("micro_batch_size", micro_batch_size)
+            check_positive_int("micro_batch_size", micro_batch_size)
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
             and math.isfinite(max_grad_norm) and max_grad_norm > 0
@@ -224,8 +150,8 @@ class AutoAccumOptimizer(InnerFacade):
             raise ValueError(f"fsdp_mode must be 'gather_once' or 'per_micro', got {fsdp_mode!r}")
         dist_ctx = distributed.context()
         world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx else (1, 0)
-        initial = _initial_shares(shares, target_batch_size, world)
-        inner = _build_inner(optimizer, args, kwargs)
+        initial = initial_shares(shares, target_batch_size, world)
+        inner = build_inner(optimizer, args, kwargs)
         # How gradients are reduced and which collectives must match: replicated, ZeRO-1 or
         # FSDP2 (refusing the rest); FSDP2 runs its step protocol in a world of one too.
         self._gsync = sharded.gradient_sync(model, inner, dist_ctx, fsdp_mode=fsdp_mode,
@@ -501,7 +427,7 @@ class AutoAccumOptimizer(InnerFacade):
                 step_size = int(own["step_size"])
             last_sizes = tuple(own["last_sizes"]) if own["last_sizes"] else None
             for key in ("optimizer_steps", "oom_events", "skipped_steps"):
-                _check_non_negative_int(key, own[key])
+                check_non_negative_int(key, own[key])
         except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"the checkpoint's 'autoaccum' entry is malformed ({exc!r}); "
                              "expected the output of AutoAccumOptimizer.state_dict()") from exc
@@ -1288,58 +1214,5 @@ def _weighted_mean(losses: torch.Tensor, sizes: list[int], total: int) -> torch.
     return acc / total
 
 
-def _initial_shares(shares: Any, target: int, world: int) -> list[int]:
-    if isinstance(shares, str) and shares in ("equal", "auto"):
-        if target < world:
-            raise ValueError(
-                f"target_batch_size={target} is smaller than the {world} ranks of this job; every "
-                "rank needs at least one sample per step"
-            )
-        return equal_shares(target, world)
-    if isinstance(shares, (list, tuple)):
-        return check_shares(shares, target, world)
-    raise ValueError(f"shares must be 'equal', 'auto' or a list of per-rank sample counts, "
-                     f"got {shares!r}")
-
-
 def _replay_needs_loss_fn(_: Any) -> Any:
     raise RuntimeError("pending samples restored by load_state_dict need a loss_fn to replay")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_non_negative_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-
-
-def _build_inner(
-    optimizer: Optimizer | type[Optimizer], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Optimizer:
-    if isinstance(optimizer, AutoAccumOptimizer):
-        raise TypeError("the optimizer is already an AutoAccumOptimizer; wrap the inner one once")
-    if isinstance(optimizer, Optimizer):
-        if args or kwargs:
-            raise TypeError(
-                f"extra arguments {list(args) + sorted(kwargs)} were given with a built "
-                f"{type(optimizer).__name__}; pass them only with an optimizer class"
-            )
-        return optimizer
-    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
-        try:
-            accepted: Any = inspect.signature(optimizer).parameters
-        except (TypeError, ValueError):
-            accepted = {}
-        clash = [k for k in _WRAPPER_KEYWORDS if k in accepted]
-        if clash:
-            raise TypeError(
-                f"{optimizer.__name__} takes its own {clash}, which AutoAccumOptimizer also "
-                "takes; build the optimizer yourself and pass the instance"
-            )
-        return optimizer(*args, **kwargs)
-    raise TypeError(
-        f"expected a torch.optim.Optimizer or an Optimizer class, got {type(optimizer).__name__}"
-    )

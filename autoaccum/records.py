@@ -1,0 +1,83 @@
+"""The values the optimizer reports: the plan, one record per step, and its step-level error."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+__all__ = ["MicroBatchSizes", "Plan", "StepOutOfMemoryError", "StepRecord"]
+
+
+class MicroBatchSizes(Sequence[int]):
+    """The sizes of a balanced split of ``n`` samples at ``limit``, without building the list
+    (a target of 10**9 at a limit of 1 stays small). Compares equal to the tuple it stands for."""
+
+    __slots__ = ("_limit", "_n", "_sizes")
+
+    def __init__(self, n: int, limit: int | None, sizes: tuple[int, ...] | None = None):
+        self._n, self._limit, self._sizes = n, limit, sizes
+
+    def _count(self) -> tuple[int, int, int]:
+        k = 1 if self._limit is None or self._limit >= self._n else -(-self._n // self._limit)
+        base, extra = divmod(self._n, k) if self._n else (0, 0)
+        return k if self._n else 0, base, extra
+
+    def __len__(self) -> int:
+        return len(self._sizes) if self._sizes is not None else self._count()[0]
+
+    def __getitem__(self, i: Any) -> Any:
+        if self._sizes is not None:
+            return self._sizes[i]
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        k, base, extra = self._count()
+        if i < 0:
+            i += k
+        if not 0 <= i < k:
+            raise IndexError(i)
+        return base + 1 if i < extra else base
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (tuple, list, MicroBatchSizes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        if len(self) <= 16:
+            return repr(tuple(self))
+        return f"({self[0]}, {self[1]}, ..., {self[-1]}: {len(self)} micro-batches)"
+
+
+class Plan(NamedTuple):
+    """How steps are cut into micro-batches.
+
+    ``micro_batch_size`` is the current limit (None: no limit, one micro-batch per call).
+    ``micro_batch_sizes`` are the micro-batches of the last finished step (before the first step,
+    the planned split of a full one); ``accumulation_steps`` is their count.
+    """
+
+    micro_batch_size: int | None
+    accumulation_steps: int
+    micro_batch_sizes: Sequence[int]
+
+
+class StepRecord(NamedTuple):
+    """What one optimizer step did (``opt.history``); memory fields are None without a backend."""
+
+    step: int  # optimizer steps done after this one (the first step is 1)
+    samples: int  # this rank's samples in the step
+    micro_batch_size: int  # largest micro-batch that ran
+    accumulation_steps: int  # micro-batches whose gradients the step used
+    oom_events: int  # OOMs recovered from during the step
+    peak_bytes: int | None  # peak allocated while its micro-batches ran (before the inner step)
+    free_bytes: int | None  # free at the step's start, before its first micro-batch
+    seconds: float  # wall time since the previous step ended (data loading included)
+    samples_per_s: float  # samples / seconds, this rank
+    compute_seconds: float  # this rank's forward/backward time in the step (no waiting, no data)
+
+
+class StepOutOfMemoryError(RuntimeError):
+    """The inner optimizer's step ran out of memory (or cannot fit); see the message."""
