@@ -778,6 +778,10 @@ class AutoAccumOptimizer(InnerFacade):
             self.grad_scaler.update()
         else:
             inner.step()
+        if torch.is_autocast_enabled(self._param_device.type):
+            # A call wrapped in autocast (its weight cache on by default) would run the rest of
+            # its micro-batches on low-precision copies of the weights from before this step.
+            torch.clear_autocast_cache()
 
     def _end_of_step(self, samples: int, peak: int | None) -> None:
         """Record the step and tell the policy what it measured."""

@@ -379,3 +379,24 @@ def test_logs_plan_changes_and_never_prints(caplog, capsys):
     assert all(r.name == "autoaccum" for r in caplog.records)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+def test_a_call_under_autocast_that_crosses_a_step_runs_on_the_new_weights():
+    """autocast caches low-precision copies of the weights for its whole region; one call that
+    holds two steps must not run the second step's micro-batches on the first step's copies."""
+
+    def run(calls: list[tuple[int, int]]) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = autoaccum.AutoAccumOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                           target_batch_size=8, micro_batch_size=4)
+        x, y = torch.randn(16, 4), torch.randn(16, 3)
+        for lo, hi in calls:
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # cache_enabled by default
+                opt.step(lambda b: ((model(b[0]).float() - b[1]) ** 2).mean(),
+                         (x[lo:hi], y[lo:hi]))
+        assert opt.optimizer_steps == 2
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    # Same micro-batches, same bf16 rounding: one call of two steps equals two calls of one.
+    assert torch.equal(run([(0, 16)]), run([(0, 8), (8, 16)]))
