@@ -134,6 +134,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class GradientReducer:
     """Sums gradients over ranks in place through one reusable flat bucket.
 
@@ -146,17 +150,33 @@ class GradientReducer:
         self.bucket_bytes = bucket_bytes
         self._buckets: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
-    def prepare(self, grads: Sequence[torch.Tensor]) -> None:
-        """Allocate the bucket of each (dtype, device) once; may raise an OOM (before agreeing)."""
+    def _wanted(self, grads: Sequence[torch.Tensor]
+                ) -> dict[tuple[torch.dtype, torch.device], int]:
+        """Elements of the bucket each (dtype, device) of ``grads`` needs."""
         needed: dict[tuple[torch.dtype, torch.device], int] = {}
         for g in grads:
             key = (g.dtype, g.device)
             numel = g.numel()
             if numel * g.element_size() < self.bucket_bytes:
                 needed[key] = needed.get(key, 0) + numel
-        for (dtype, device), total in needed.items():
-            limit = max(1, self.bucket_bytes // torch.empty((), dtype=dtype).element_size())
-            numel = min(total, limit)
+        return {
+            (dtype, device): min(total, max(1, self.bucket_bytes // _itemsize(dtype)))
+            for (dtype, device), total in needed.items()
+        }
+
+    def missing_bytes(self, grads: Sequence[torch.Tensor]) -> int:
+        """Bytes :meth:`prepare` would allocate for ``grads`` (tensors shaped like the
+        gradients) now: what the planner reserves before the first step."""
+        missing = 0
+        for (dtype, device), numel in self._wanted(grads).items():
+            have = self._buckets.get((dtype, device))
+            if have is None or have.numel() < numel:
+                missing += numel * _itemsize(dtype)
+        return missing
+
+    def prepare(self, grads: Sequence[torch.Tensor]) -> None:
+        """Allocate the bucket of each (dtype, device) once; may raise an OOM (before agreeing)."""
+        for (dtype, device), numel in self._wanted(grads).items():
             have = self._buckets.get((dtype, device))
             if have is None or have.numel() < numel:
                 self._buckets[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
@@ -280,6 +300,11 @@ class GradientSync:
     def missing_bytes(self) -> int:
         """Bytes of :meth:`extra_bytes` the step has not allocated yet."""
         return 0
+
+    def reduction_bytes(self, params: Sequence[torch.Tensor]) -> int:
+        """Bytes the step's reduction will allocate that it does not hold yet (the bucket,
+        before the first multi-rank step; resident and so in the baseline afterwards)."""
+        return self.reducer.missing_bytes(params)
 
     def accumulator(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         """A tensor whose ``.grad`` holds the step's accumulated gradient (the driver notices

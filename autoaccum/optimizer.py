@@ -397,6 +397,7 @@ class AutoAccumOptimizer(InnerFacade):
         self._state_opt, self._state_params = self._gsync.state_owner(self.optimizer,
                                                                       self._params)
         self._state_complete = False
+        self._bucket_complete = False
 
     def _parse_own_state(self, own: dict[str, Any]) -> tuple[Any, ...]:
         """Everything of the ``"autoaccum"`` entry, validated into new objects (nothing set)."""
@@ -647,6 +648,16 @@ class AutoAccumOptimizer(InnerFacade):
             self._gsync.begin_step()
 
     def _reserve_bytes(self) -> int:
+        """What the first steps will allocate and keep: the inner optimizer's state and, in a
+        distributed job, the gradient reduction's bucket."""
+        state = self._state_reserve_bytes()
+        if self._dist is None or self._bucket_complete:
+            return state
+        bucket = self._gsync.reduction_bytes(self._trainable)
+        self._bucket_complete = bucket == 0 and self.optimizer_steps > 0
+        return state + bucket
+
+    def _state_reserve_bytes(self) -> int:
         """Optimizer state the inner optimizer will allocate at its first step."""
         if self._state_complete:
             return 0
@@ -659,17 +670,19 @@ class AutoAccumOptimizer(InnerFacade):
     def _check_inner_step_fits(self, free: int) -> None:
         """Before training: gradients, optimizer state and the inner step's temporaries must fit,
         or no micro-batch size can help."""
-        state = self._reserve_bytes()
+        state = self._state_reserve_bytes()
+        bucket = self._reserve_bytes() - state
         trained = [p for p in self._state_params if p.requires_grad]
         temps = step_temporaries(self._state_opt, list(sharded.local_tensors(trained)))
-        need = self._grad_bytes + state + temps
+        need = self._grad_bytes + state + bucket + temps
         if need <= free:
             return
         mib = 2**20
+        reduction = f", the gradient reduction's bucket {bucket / mib:.1f} MiB" if bucket else ""
         raise StepOutOfMemoryError(
             f"the optimizer step cannot fit: it needs {need / mib:.1f} MiB (gradients "
             f"{self._grad_bytes / mib:.1f} MiB, {type(self.optimizer).__name__} state "
-            f"{state / mib:.1f} MiB, its step's temporaries {temps / mib:.1f} MiB) and "
+            f"{state / mib:.1f} MiB{reduction}, its step's temporaries {temps / mib:.1f} MiB) and "
             f"{free / mib:.1f} MiB is free before any micro-batch. No micro-batch size can fix "
             "this. Remedies: fused=True (no temporaries) or foreach=False (one parameter's "
             "worth), an optimizer with less state (SGD, Adafactor), bf16 weights, a smaller "

@@ -224,7 +224,7 @@ def choose_sizes(
         # It peaks at least what a smaller accumulating size measured, less the saving.
         floor = max((p - single_pass_saving for b, p in observed.items() if b < cap), default=0)
         predicted = max(model.peak(cap), floor)
-        if measured_fit == cap or (cap not in observed and predicted <= safe):
+        if measured_fit >= cap or (cap not in observed and predicted <= safe):
             return SizeChoice(cap, None)
         if cap not in observed and max(predicted - single_pass_saving, floor) <= tight:
             trial = cap

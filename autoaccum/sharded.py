@@ -849,6 +849,9 @@ class FSDPSync(GradientSync):
     def prepare(self, params: Sequence[torch.Tensor]) -> None:
         pass  # FSDP reduce-scatters the unsharded gradients into the sharded ones
 
+    def reduction_bytes(self, params: Sequence[torch.Tensor]) -> int:
+        return 0  # no bucket (extra_bytes counts what FSDP holds)
+
     # ------------------------------------------------------------------ the step
     def begin_step(self) -> None:
         """Every rank, once per step, before its first micro-batch. ``gather_once``:

@@ -256,3 +256,33 @@ def auto_shares_with_many_loader_workers(rank: int, world: int, workers: int) ->
     opt.flush()
     return {"seen": seen, "steps": opt.optimizer_steps,
             "shares": list(opt.share_schedule.shares_for(opt.optimizer_steps))}
+
+
+def bucket_is_budgeted(rank: int, world: int) -> Any:
+    """A device where gradients, AdamW state and the step's temporaries fit but the reduction's
+    bucket does not: refused before any forward, naming the bucket."""
+    from autoaccum.planner import step_temporaries
+
+    torch.manual_seed(0)
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), foreach=False)
+    params = list(model.parameters())
+    p_bytes = sum(p.numel() * p.element_size() for p in params)
+    need_without_bucket = p_bytes + 2 * p_bytes + step_temporaries(inner, params)
+    device = autoaccum.SimulatedDevice(capacity_bytes=p_bytes + need_without_bucket
+                                       + p_bytes // 2)
+    opt = autoaccum.AutoAccumOptimizer(inner, target_batch_size=8, memory=device)
+    forwards = []
+    inner_fn = mean_loss_fn(model)
+
+    def loss_fn(batch: Any) -> Any:
+        forwards.append(1)
+        return inner_fn(batch)
+
+    data = make_data(4 * world)
+    try:
+        opt.step(loss_fn, slice_data(data, 4 * rank, 4 * rank + 4))
+    except autoaccum.StepOutOfMemoryError as exc:
+        return {"error": str(exc), "forwards": len(forwards),
+                "grads": [p.grad is None for p in params]}
+    return {"error": None, "forwards": len(forwards)}

@@ -56,6 +56,15 @@ def test_a_rank_that_cannot_fit_one_sample_stops_every_rank():
     assert "1 sample does not fit" in results[0][1]
 
 
+def test_the_reduction_bucket_is_budgeted_before_the_first_step():
+    results = run_ranks(dist_workers.bucket_is_budgeted, 2, timeout=60)
+    for rank, (status, value) in sorted(results.items()):
+        assert status == "ok", f"rank {rank} failed:\n{value}"
+        assert value["error"] is not None, f"rank {rank} trained on a device that cannot step"
+        assert "gradient reduction's bucket" in value["error"]
+        assert value["forwards"] == 0 and all(value["grads"])
+
+
 def test_auto_shares_move_toward_the_speed_ratio_and_the_sampler_covers_every_sample():
     steps = 14
     results = run_ranks(dist_workers.auto_shares, 2, [1.0, 3.0], steps, timeout=120)

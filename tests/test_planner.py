@@ -182,3 +182,23 @@ def test_choose_sizes_never_plans_a_size_measured_over_budget(cap, fixed, per, b
         assert choice.limit != cap and choice.trial != cap
     if choice.trial is not None:
         assert choice.trial > choice.limit and choice.trial not in observed
+
+
+@given(st.integers(1, 512), st.integers(1, 512), st.floats(1e3, 1e8), st.floats(0, 0.3))
+def test_a_share_below_a_size_measured_within_budget_runs_in_one_micro_batch(cap, extra, budget,
+                                                                            margin):
+    """"auto" shares can shrink a rank's share below a size it already ran: the whole share then
+    fits in one micro-batch (a larger accumulating micro-batch fitted), whatever the line says."""
+    measured = cap + extra
+    observed = {measured: budget * 0.5}
+    pessimistic = planner.MemoryModel(budget, budget)  # predicts nothing fits
+    choice = planner.choose_sizes(pessimistic, observed, budget, cap, margin=margin)
+    assert choice.limit == cap
+
+
+def test_the_shrunk_share_case_from_the_sharded_benchmark():
+    choice = planner.choose_sizes(
+        planner.MemoryModel(263180.0, 7168.0),
+        {2: 277516, 9: 327692, 117: 1101844, 128: 130984, 91: 93096},
+        952283, 91, margin=0.1, final_margin=0.0, single_pass_saving=1587232)
+    assert choice == planner.SizeChoice(91, None)
