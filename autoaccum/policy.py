@@ -31,6 +31,9 @@ _V1_KEYS = {"limit", "probes", "model", "planned_free", "failed", "failed_free",
             "clean_steps"}
 
 
+_MAX_UNREACHED = 2  # steps in a row that did not run a trial size before it is given up
+
+
 class OutOfMemoryForOneSample(RuntimeError):
     """Even a micro-batch of one sample does not fit in the device's free memory."""
 
@@ -88,6 +91,9 @@ class MicroBatchPolicy:
         self.grow_after = grow_after
         self.replan_tolerance = replan_tolerance
         self._s = _State(limit=pinned)
+        # Trial sizes that steps did not run although they had the samples (calls smaller than
+        # the step are cut on their own, e.g. loader batches of 128 never run 86 of a 256 step).
+        self._unreached: dict[int, int] = {}
 
     # -- what the optimizer asks -------------------------------------------------------------
     @property
@@ -138,6 +144,7 @@ class MicroBatchPolicy:
         if cap == self.cap:
             return
         self.cap = cap
+        self._unreached.clear()
         s = self._s
         if self.memory_model is not None and s.budget is not None and s.trial is None:
             self._choose(s.budget, f"share is now {cap}")
@@ -241,11 +248,19 @@ class MicroBatchPolicy:
             return
         if s.trial is not None:
             if largest < s.trial:
-                # The step did not run the trial size (too few samples): what it measured may
-                # still say the trial cannot fit; otherwise try it next step.
-                if measuring and budget is not None:
+                # The step did not run the trial size: too few samples (a flush), or calls cut
+                # smaller than the step (each call's part is split on its own). What it measured
+                # may still say the trial cannot fit; otherwise try it next step, but give up on
+                # a size two steps in a row did not run.
+                missed = self._unreached[s.trial] = self._unreached.get(s.trial, 0) + 1
+                if missed >= _MAX_UNREACHED:
+                    log.info("micro-batch %d does not run with these loader batches; staying at "
+                             "%s", s.trial, s.limit)
+                    s.trial, s.settled = None, True
+                elif measuring and budget is not None:
                     self._choose(budget, "measured")
                 return
+            self._unreached.pop(s.trial, None)
             size, s.trial = s.trial, None
             if peak is None or budget is None or peak <= budget * (1 - self.final_margin):
                 self._set_limit(size, "trial step ran", budget)
@@ -293,14 +308,16 @@ class MicroBatchPolicy:
         )
         self._set_limit(choice.limit, why, budget)
         trial = choice.trial
+        if trial is not None and self._unreached.get(trial, 0) >= _MAX_UNREACHED:
+            trial = None  # steps with these loader batches do not run it
         if mid_step and trial == self.cap:
             s.trial, s.settled = None, False  # chosen again at the step's end
             return
         s.trial = trial
         s.settled = trial is None
-        if choice.trial is not None:
+        if trial is not None:
             s.trials += 1
-            log.info("trying micro-batch %d for one step (%s predicts it fits)", choice.trial, why)
+            log.info("trying micro-batch %d for one step (%s predicts it fits)", trial, why)
 
     def _maybe_grow_back(self, budget: int | None) -> None:
         """After a runtime OOM and ``grow_after`` clean steps: binary search towards the failed

@@ -68,6 +68,24 @@ def test_a_trial_the_step_could_not_run_stays_pending():
     assert policy.trial == 512
 
 
+def test_a_trial_that_loader_batches_never_run_is_given_up_after_two_steps(caplog):
+    """Calls of 128 samples in steps of 1024 are cut on their own: a trial of 512 runs as
+    micro-batches of 128. Two steps that did not run it settle the plan instead of re-trying
+    (and re-logging) it on every step."""
+    policy = planned()
+    assert policy.trial == 512
+    with caplog.at_level("INFO", logger="autoaccum"):
+        for _ in range(2):
+            policy.end_of_step(128, 128 * PER_SAMPLE, 2 * MIB, had_oom=False)
+        assert policy.trial is None and policy.settled and policy.limit == 342
+        for _ in range(5):  # settled: nothing more is tried or logged
+            policy.end_of_step(128, 128 * PER_SAMPLE, 2 * MIB, had_oom=False)
+    trying = [r for r in caplog.records if "trying micro-batch" in r.getMessage()]
+    assert len(trying) == 1 and policy.trial is None and policy.settled
+    policy.set_cap(2048)  # a new share: sizes are judged afresh
+    assert policy.trial is not None
+
+
 def test_allocator_thrash_steps_down_one_runnable_size():
     policy = planned()
     run_step(policy)
