@@ -288,7 +288,7 @@ def zero1_checkpoint(rank: int, world: int) -> dict[str, Any]:
         calls += [(lo, lo + (hi - lo) // 2), (lo + (hi - lo) // 2, hi)]
     model, net, opt = build()
     out: dict[str, Any] = {
-        "reserved": opt._reserve_bytes(),  # type: ignore[attr-defined]
+        "reserved": opt._state_reserve_bytes(),  # type: ignore[attr-defined]
         "all_params": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     blob = b""
