@@ -54,6 +54,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shares import DeviceTime  # noqa: E402  (benchmarks/shares.py: a GPU's compute as a sleep)
+
 import autoaccum  # noqa: E402
 from autoaccum.sharded import local_bytes  # noqa: E402
 
@@ -79,25 +81,6 @@ NAMES = {  # what each strategy is, for the tables
     "FSDP2 gather_once": "autoaccum, fully_shard, fsdp_mode='gather_once'",
     "FSDP2 per_micro": "autoaccum, fully_shard, fsdp_mode='per_micro'",
 }
-
-
-class DeviceTime(nn.Module):
-    """A GPU's compute time, as a sleep: ``per_sample_s / 3`` per sample in forward and twice that
-    in backward (a hook on its output's gradient), whatever the CPU is doing."""
-
-    def __init__(self, per_sample_s: float) -> None:
-        super().__init__()
-        self.per_sample_s = per_sample_s
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.per_sample_s > 0:
-            time.sleep(self.per_sample_s / 3 * len(h))
-            if h.requires_grad:
-                h.register_hook(self._backward)
-        return h
-
-    def _backward(self, grad: torch.Tensor) -> None:
-        time.sleep(self.per_sample_s * 2 / 3 * len(grad))
 
 
 def make_model(per_sample_s: float = 0.0) -> nn.Sequential:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import shutil
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,3 +67,12 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 9
                 if p.is_alive():
                     p.kill()
     return results
+
+
+def torchrun() -> list[str]:
+    """torchrun of this interpreter's environment (python -m torch.distributed.run otherwise)."""
+    exe = Path(sys.executable).with_name("torchrun")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("torchrun")
+    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]

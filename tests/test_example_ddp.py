@@ -6,12 +6,12 @@ from __future__ import annotations
 import ast
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist_harness import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "ddp_mixed_fleet.py"
@@ -22,15 +22,6 @@ EXAMPLE = ROOT / "examples" / "ddp_mixed_fleet.py"
 TINY = ["--simulate", "--target-batch-size", "128", "--num-samples", "1024", "--epochs", "2",
         "--share-interval", "3", "--log-every", "2", "--capacities-mib", "64,24",
         "--slowdowns", "1,4"]
-
-
-def torchrun() -> list[str]:
-    """torchrun of this interpreter's environment (python -m torch.distributed.run otherwise)."""
-    exe = Path(sys.executable).with_name("torchrun")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("torchrun")
-    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
 
 
 def run_example(*args: str, nproc: int = 2) -> str:

@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from tests.test_example_ddp import ROOT, torchrun
+from tests.dist_harness import torchrun
+from tests.test_example_ddp import ROOT
 
 pytest.importorskip("torch.distributed.fsdp")
 

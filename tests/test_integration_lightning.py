@@ -9,10 +9,8 @@ and a single misplaced sample or step gives ~1e-2."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ pytest.importorskip("lightning")
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
+from tests.dist_harness import torchrun
 from tests.lightning_workers import (
     LR,
     build_module,
@@ -170,14 +169,6 @@ def test_resume_from_a_checkpoint_taken_mid_step(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------------- two processes
-def torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("torchrun")
-    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("lightning_ddp")
