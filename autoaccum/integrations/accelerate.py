@@ -42,6 +42,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..optimizer import _NO_BATCH, AutoAccumOptimizer
+from ._context import InContext
 
 try:
     from accelerate import Accelerator
@@ -56,22 +57,6 @@ __all__ = ["AcceleratedAutoAccumOptimizer", "prepare_optimizer"]
 _RECIPE = ("prepare only the model and the data: `model, loader = accelerator.prepare(model, "
            "loader)`, and give prepare_optimizer the plain torch optimizer")
 _UNSUPPORTED = ("DEEPSPEED", "MEGATRON_LM")
-
-
-class _Autocast:
-    """``loss_fn`` run inside ``accelerator.autocast()``."""
-
-    __slots__ = ("accelerator", "loss_fn")
-
-    def __init__(self, accelerator: Accelerator, loss_fn: Callable[[Any], Any]) -> None:
-        self.accelerator, self.loss_fn = accelerator, loss_fn
-
-    def __call__(self, micro_batch: Any) -> Any:
-        with self.accelerator.autocast():
-            return self.loss_fn(micro_batch)
-
-    def __repr__(self) -> str:
-        return f"autocast({self.loss_fn!r})"
 
 
 class AcceleratedAutoAccumOptimizer(AutoAccumOptimizer):
@@ -106,14 +91,14 @@ class AcceleratedAutoAccumOptimizer(AutoAccumOptimizer):
         inside ``accelerator.autocast()``. ``step()`` / ``step(closure)`` keep the plain
         ``Optimizer.step`` meaning (the closure is not autocast)."""
         if batch is not _NO_BATCH and callable(loss_fn):
-            loss_fn = _Autocast(self.accelerator, loss_fn)
+            loss_fn = InContext(self.accelerator.autocast, loss_fn)
         return super().step(loss_fn, batch)
 
     def flush(self, loss_fn: Callable[[Any], Any] | None = None) -> bool:
         """As :meth:`AutoAccumOptimizer.flush`, with a given ``loss_fn`` run inside
         ``accelerator.autocast()`` (replays with the last ``step``'s ``loss_fn`` are already)."""
         if callable(loss_fn):
-            loss_fn = _Autocast(self.accelerator, loss_fn)
+            loss_fn = InContext(self.accelerator.autocast, loss_fn)
         return super().flush(loss_fn)
 
 

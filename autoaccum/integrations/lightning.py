@@ -74,6 +74,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..batching import flatten_batch
 from ..optimizer import AutoAccumOptimizer
+from ._context import InContext
 
 __all__ = ["AutoAccumCallback", "AutoAccumModule", "find_autoaccum_optimizer"]
 
@@ -341,7 +342,7 @@ class AutoAccumModule(pl.LightningModule):
         plugin = trainer.precision_plugin
         before = opt.optimizer_steps
         if isinstance(plugin, MixedPrecision):
-            fn = _forward_in(plugin.forward_context, loss_fn)
+            fn: LossFn = InContext(plugin.forward_context, loss_fn)
             context: contextlib.AbstractContextManager[Any] = torch.autocast(plugin.device,
                                                                              enabled=False)
         else:
@@ -399,12 +400,3 @@ class AutoAccumModule(pl.LightningModule):
         if opt is not None and opt.pending_samples:
             return
         super().on_validation_model_zero_grad()
-
-
-def _forward_in(context: Callable[[], contextlib.AbstractContextManager[Any]],
-                loss_fn: LossFn) -> LossFn:
-    def forward(micro_batch: Any) -> Any:
-        with context():
-            return loss_fn(micro_batch)
-
-    return forward
