@@ -212,22 +212,24 @@ class AutoAccumTrainer(Trainer):
         self.target_batch_size = target_batch_size
         self.autoaccum_micro_batch_size = micro_batch_size
         self.autoaccum_memory = memory
-        self._autoaccum: AutoAccumOptimizer | None = None
         self._autoaccum_loss_fn: Callable[[Any], Any] | None = None
-        self._autoaccum_mode: str | None = None
 
     # ------------------------------------------------------------------ public
     @property
     def autoaccum_optimizer(self) -> AutoAccumOptimizer | None:
         """The :class:`~autoaccum.AutoAccumOptimizer` (``plan``, ``oom_events``, ``history``,
         ...), or None before the first training step."""
-        return self._autoaccum
+        facade = _find_facade(self.optimizer)
+        return facade.autoaccum if facade is not None else None
 
     @property
     def autoaccum_loss_mode(self) -> str | None:
         """``"token"`` (a causal LM's loss summed over label tokens, divided by the step's
         count) or ``"mean"`` (the model's mean loss); None before the first training step."""
-        return self._autoaccum_mode
+        opt = self.autoaccum_optimizer
+        if opt is None:
+            return None
+        return "token" if opt.count_items is not None else "mean"
 
     # ------------------------------------------------------------------ Trainer hooks
     def create_optimizer(self, model: nn.Module | None = None) -> Optimizer:
@@ -302,7 +304,8 @@ class AutoAccumTrainer(Trainer):
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor | None:
         # autoaccum clipped the full gradient of the step, before its inner step; the gradients
         # are zeroed by now, so the Trainer must not clip (or measure) them again.
-        return self._autoaccum.last_grad_norm if self._autoaccum is not None else None
+        opt = self.autoaccum_optimizer
+        return opt.last_grad_norm if opt is not None else None
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         if grad_norm is not None:
@@ -312,7 +315,7 @@ class AutoAccumTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's logs; training logs also get autoaccum's ``micro_batch_size`` (the
         largest micro-batch of the last step), ``accumulation_steps`` and ``oom_events``."""
-        opt = self._autoaccum
+        opt = self.autoaccum_optimizer
         if opt is not None and "loss" in logs:
             plan = opt.plan
             logs = {
@@ -367,8 +370,6 @@ class AutoAccumTrainer(Trainer):
             opt.load_state_dict(old.state_dict())
             facade.autoaccum = None
         facade.attach(opt)
-        self._autoaccum = opt
-        self._autoaccum_mode = "token" if token else "mean"
         self._autoaccum_loss_fn = (self._token_loss_fn(model) if token
                                    else self._mean_loss_fn(model))
         log.info("autoaccum: target_batch_size=%d (%d per rank), %s mode",
