@@ -650,12 +650,15 @@ class AutoAccumOptimizer(InnerFacade):
     def _reserve_bytes(self) -> int:
         """What the first steps will allocate and keep: the inner optimizer's state and, in a
         distributed job, the gradient reduction's bucket."""
-        state = self._state_reserve_bytes()
+        return self._state_reserve_bytes() + self._bucket_reserve_bytes()
+
+    def _bucket_reserve_bytes(self) -> int:
+        """The gradient reduction's bucket, until a multi-rank step has allocated it."""
         if self._dist is None or self._bucket_complete:
-            return state
+            return 0
         bucket = self._gsync.reduction_bytes(self._trainable)
         self._bucket_complete = bucket == 0 and self.optimizer_steps > 0
-        return state + bucket
+        return bucket
 
     def _state_reserve_bytes(self) -> int:
         """Optimizer state the inner optimizer will allocate at its first step."""
@@ -671,7 +674,7 @@ class AutoAccumOptimizer(InnerFacade):
         """Before training: gradients, optimizer state and the inner step's temporaries must fit,
         or no micro-batch size can help."""
         state = self._state_reserve_bytes()
-        bucket = self._reserve_bytes() - state
+        bucket = self._bucket_reserve_bytes()
         trained = [p for p in self._state_params if p.requires_grad]
         temps = step_temporaries(self._state_opt, list(sharded.local_tensors(trained)))
         need = self._grad_bytes + state + bucket + temps
