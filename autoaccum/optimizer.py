@@ -956,7 +956,11 @@ class AutoAccumOptimizer(InnerFacade):
                                      part.rebuild), first.loss_fn)
         while True:
             self._drain()  # gather_once (also after a rewind): locally, no collective
+            # The ranks meet inside the rounds (the count, every FSDP collective): time blocked
+            # there waiting for a slower peer is not this rank's compute ("auto" shares divide
+            # by it), so it is left out.
             started = time.perf_counter()
+            waited = sync.wait_seconds
             failure: _Oom | None = None
             try:
                 k = sync.round_count(self._wanted())
@@ -971,7 +975,8 @@ class AutoAccumOptimizer(InnerFacade):
                         break
             except sharded.PeerOutOfMemory as exc:  # met at the round count
                 failure = _Oom(0, "forward", oom_mod.describe(exc), tuple(exc.phases))
-            self._step_seconds += time.perf_counter() - started
+            self._step_seconds += (time.perf_counter() - started
+                                   - (sync.wait_seconds - waited))
             if failure is not None:
                 self._recover(failure)
         if self._token_mode:

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -587,6 +588,17 @@ class Guard:
         self.exchanges = 0  # how many exchanges ran (tests and cost measurements)
         self.all_gathers = 0  # FSDP all-gathers / reduce-scatters seen by the guarded comms
         self.reduce_scatters = 0
+        # Seconds blocked in exchanges and in FSDP's collectives (cumulative): waiting for the
+        # peers to arrive, plus the transfer. The driver leaves it out of the compute time it
+        # reports for "auto" shares, which would otherwise count a slower peer's time as this
+        # rank's own. Two perf_counter calls per exchange / collective. On gloo (CPU) every
+        # collective blocks the host until all ranks are in it, so this is the whole wait. With
+        # NCCL the guard exchanges still run on gloo and block the host: captured is the skew
+        # between the ranks' hosts, which follows the GPUs' skew as far as each host is held back
+        # by its GPU (syncs, allocator); the NCCL collectives themselves return once enqueued
+        # on FSDP's stream (and async ones are waited inside FSDP, outside the comm call), so the
+        # time a stream waits there for a peer's kernel is not captured.
+        self.wait_seconds = 0.0
         # Every buffer an exchange uses, allocated once here: an exchange never allocates, so a
         # rank at the edge of its memory (or a SimulatedDevice counting host tensors) can always
         # reach its peers, also from the error path.
@@ -601,9 +613,14 @@ class Guard:
         local = self._row
         for i, v in enumerate(row):
             local[i] = v
-        _all_gather(self._table, local, group=self.group)
+        self._exchange(self._table, local)
         self.exchanges += 1
         return self._table.view(self.world_size, len(row))
+
+    def _exchange(self, out: torch.Tensor, local: torch.Tensor) -> None:
+        started = time.perf_counter()
+        _all_gather(out, local, group=self.group)
+        self.wait_seconds += time.perf_counter() - started
 
     def sync(self, kind: int, value: int = 0) -> list[int]:
         """Meet the other ranks (normal path). Every rank's ``value``."""
@@ -633,7 +650,7 @@ class Guard:
         local = self._floats
         for i, v in enumerate(values):
             local[i] = v
-        _all_gather(self._float_table, local, group=self.group)
+        self._exchange(self._float_table, local)
         self.exchanges += 1
         return self._float_table.view(self.world_size, len(values))
 
@@ -653,7 +670,7 @@ class Guard:
         if data:  # frombuffer shares the bytes (no allocation); copy_ writes into the buffer
             local[1 : 1 + len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         gathered = self._message_table
-        _all_gather(gathered, local, group=self.group)
+        self._exchange(gathered, local)
         out: list[str | None] = []
         for row in gathered.view(self.world_size, _MESSAGE_BYTES):
             if not int(row[0]):
@@ -693,11 +710,15 @@ class _GuardedAllGather:
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, async_op: bool = False) -> Any:
-        self.guard.all_gathers += 1
-        if self.guard.active:
-            self.guard.sync(COLLECTIVE, self.tag)
-        return self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
+        guard = self.guard
+        guard.all_gathers += 1
+        if guard.active:
+            guard.sync(COLLECTIVE, self.tag)
+        started = time.perf_counter()  # blocking on gloo; see Guard.wait_seconds
+        work = self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
                           async_op=async_op)
+        guard.wait_seconds += time.perf_counter() - started
+        return work
 
 
 class _GuardedReduceScatter:
@@ -713,11 +734,15 @@ class _GuardedReduceScatter:
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, op: Any, async_op: bool = False) -> Any:
-        self.guard.reduce_scatters += 1
-        if self.guard.active:
-            self.guard.sync(COLLECTIVE, self.tag)
-        return self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
+        guard = self.guard
+        guard.reduce_scatters += 1
+        if guard.active:
+            guard.sync(COLLECTIVE, self.tag)
+        started = time.perf_counter()  # blocking on gloo; see Guard.wait_seconds
+        work = self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
                           op=op, async_op=async_op)
+        guard.wait_seconds += time.perf_counter() - started
+        return work
 
 
 
@@ -812,6 +837,13 @@ class FSDPSync(GradientSync):
     def can_fall_back(self) -> bool:
         """Whether a one-sample OOM can still be cured by dropping the gathered parameters."""
         return self._phase == _RUNNING and self._step_mode == "gather_once"
+
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds this rank was blocked at guard exchanges and in FSDP's collectives so far
+        (:attr:`Guard.wait_seconds`): time a faster rank spends waiting for a slower one, which
+        the driver keeps out of the compute time behind "auto" shares."""
+        return self.guard.wait_seconds
 
     def extra_bytes(self) -> int:
         return self.bytes.step_extra(self.step_mode)

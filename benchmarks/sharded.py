@@ -522,10 +522,12 @@ def render(memory: list[dict[str, Any]], fits: dict[str, list[dict[str, Any]]],
         "exchange, all gloo collectives between two processes on two shared cores (a few ms "
         "each), and AdamW over DTensor parameters dispatches every op in Python; on GPUs with "
         "NCCL these are small next to the compute. Shares proportional to the sleep alone would "
-        f"be {ideal_shares}. per_micro's shares approach them slowly: its ranks meet at every "
-        "unit's all-gather inside each micro-batch, so the throughput each rank measures "
-        "includes waiting for the other and the speeds look closer than they are; each update "
-        "moves only part of the way.",
+        f"be {ideal_shares}; auto settles a little short of them, as each rank's measured "
+        "compute also holds the real CPU work, the same per sample on both. per_micro's ranks "
+        "meet at every unit's all-gather inside each micro-batch, the faster one waiting there "
+        "for the slower; that time blocked (the wait and the transfer) is left out of the "
+        "compute time each rank's throughput is measured on, so its shares settle as quickly "
+        "as gather_once's.",
     ]
     n_timed = len(next(iter(timing.values()))[0]["auto"]["seconds"]) if timing else 0
     lines += [

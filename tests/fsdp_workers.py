@@ -314,3 +314,36 @@ def zero1_checkpoint(rank: int, world: int) -> dict[str, Any]:
         opt.step(mean_loss_fn(net), slice_data(data, *call))
     out["resumed"] = [p.detach().clone() for p in model.parameters()]
     return out
+
+
+def uneven_speed(rank: int, world: int, mode: str, sleep_s: list[float], steps: int
+                 ) -> dict[str, Any]:
+    """Equal shares of 8, micro-batches of 4, ``steps`` optimizer steps; each rank's compute is a
+    sleep of ``sleep_s[rank]`` per sample (a third in forward after the first unit, two thirds in
+    its backward), as on a slower GPU. Returns each step's reported compute seconds and the
+    guard's measured wait per step (0 where it measures none)."""
+    import time
+
+    per_sample = sleep_s[rank]
+    data = make_data(8 * world * steps)
+    model = shard(make_model())
+
+    def sleep_forward(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        time.sleep(per_sample / 3 * out.shape[0])
+        if out.requires_grad:
+            out.register_hook(lambda grad: time.sleep(per_sample * 2 / 3 * grad.shape[0]))
+
+    model[0].register_forward_hook(sleep_forward)
+    opt = autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=8 * world,
+                                       shares="equal", micro_batch_size=4, model=model,
+                                       fsdp_mode=mode)
+    loss_fn = mean_loss_fn(model)
+    sync: Any = opt._gsync  # type: ignore[attr-defined]
+    waits = []
+    for step in range(steps):
+        lo, hi = rank_slice([8] * world, rank, step * 8 * world, (step + 1) * 8 * world)
+        before = getattr(sync, "wait_seconds", 0.0)
+        opt.step(loss_fn, slice_data(data, lo, hi))
+        waits.append(getattr(sync, "wait_seconds", 0.0) - before)
+    return {"compute": [r.compute_seconds for r in opt.history], "wait": waits,
+            "sleep": per_sample * 8}

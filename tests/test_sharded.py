@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from tests.dist_harness import run_ranks
-from tests.fsdp_workers import checkpoint, reference_clipped, refusals, train, zero1_checkpoint
+from tests.fsdp_workers import (
+    checkpoint,
+    reference_clipped,
+    refusals,
+    train,
+    uneven_speed,
+    zero1_checkpoint,
+)
 from tests.helpers import assert_params_close, make_data, reference_params, sgd
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -156,3 +163,25 @@ def test_zero1_is_exact_reserves_its_shard_and_resumes_from_a_per_rank_checkpoin
         assert "rank 1 of 2" in result["wrong rank"] or "rank 0 of 2" in result["wrong rank"]
         assert_params_close(result["params"], expected)
         assert_params_close(result["resumed"], expected)
+
+
+# ------------------------------------------------------------------------- measured throughput
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp_compute_seconds_exclude_waiting_for_a_slower_rank(mode: str) -> None:
+    # Rank 1 sleeps 4x as long per sample. per_micro: the ranks meet at every unit's all-gather
+    # inside each micro-batch, so the fast rank waits there for the slow one. The seconds each
+    # rank reports (what "auto" shares divide by) must be its own compute, not the peer's.
+    sleep = [0.003, 0.012]
+    out = _run(uneven_speed, mode, sleep, 5)
+
+    def median(values: list[float]) -> float:
+        return sorted(values[1:])[(len(values) - 1) // 2]  # the first step warms up
+
+    fast, slow = (median(out[r]["compute"]) for r in (0, 1))
+    assert fast < 0.5 * slow, (out[0]["compute"], out[1]["compute"])
+    for r in (0, 1):  # the wait left out, but never the rank's own compute (its sleep)
+        assert min(out[r]["compute"]) > 0.9 * out[r]["sleep"], out[r]
+    # Both wait for the collectives' transfers; the fast rank also for the difference.
+    difference = 8 * (sleep[1] - sleep[0])
+    extra = median(out[0]["wait"]) - median(out[1]["wait"])
+    assert 0.6 * difference < extra < 1.5 * difference, (out[0]["wait"], out[1]["wait"])
