@@ -51,6 +51,7 @@ from .planner import (
 from .policy import MicroBatchPolicy, OutOfMemoryForOneSample
 from .records import MicroBatchSizes, Plan, StepOutOfMemoryError, StepRecord
 from .step import Chunk, LossFn, StepState
+from .weights import Weights
 
 log = logging.getLogger("autoaccum")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -196,6 +197,7 @@ class AutoAccumOptimizer(InnerFacade):
         self._flushed_by_peer = False
         self.history: list[StepRecord] = []
         self._step = StepState(initial[rank])
+        self._weights = Weights()  # the fast path's backward seeds and loss-averaging weights
         self._step_seconds = 0.0
         self._step_ooms = 0
         self._step_free: int | None = None
@@ -243,12 +245,14 @@ class AutoAccumOptimizer(InnerFacade):
         """``step(loss_fn, batch)``: accumulate ``batch``, stepping whenever a step is full.
 
         Returns the mean loss over ``batch`` (token mode: its summed loss over its items) as a
-        detached tensor on the device, with no host sync: a stack and a sum over the call's
-        micro-batch losses, two small ops per call. Auxiliary outputs of a dict-returning
-        ``loss_fn`` are in :attr:`outputs` afterwards (one entry per micro-batch of this call's
-        samples, with its ``num_samples``; each sample in exactly one entry, also after an OOM
-        replay). ``step()`` / ``step(closure)`` keep ``torch.optim.Optimizer.step``'s meaning:
-        one step of the inner optimizer on the gradients as they are.
+        detached tensor on the device, with no host sync: a stack of the call's micro-batch
+        losses and a dot product with cached weights, two small ops per call and none per
+        micro-batch (token mode: a stack, a sum and a division). Auxiliary outputs of a
+        dict-returning ``loss_fn`` are in :attr:`outputs` afterwards (one entry per micro-batch
+        of this call's samples, with its ``num_samples``; each sample in exactly one entry, also
+        after an OOM replay). ``step()`` / ``step(closure)`` keep
+        ``torch.optim.Optimizer.step``'s meaning: one step of the inner optimizer on the
+        gradients as they are.
         """
         if batch is _NO_BATCH:
             if self._step.count:
@@ -490,9 +494,10 @@ class AutoAccumOptimizer(InnerFacade):
         return self._call_loss()
 
     def _call_loss(self) -> torch.Tensor:
-        """The call's mean loss (token mode: summed loss over summed items), from the weighted
-        losses its micro-batches ran backward on: a stack and a sum per call (plus a scale when
-        the call is not exactly one step), no host sync. Drops the call's references to them."""
+        """The call's mean loss (token mode: summed loss over summed items), no host sync. The
+        common case, a call whose micro-batches all ran on the fast path, costs two small ops:
+        a stack of their raw losses and a dot product with cached weights (token mode: a stack,
+        a sum and a division by the items). Drops the call's references to the losses."""
         token = self._token_mode
         total: Any = 0.0
         count: Any = 0
@@ -502,13 +507,30 @@ class AutoAccumOptimizer(InnerFacade):
         try:
             ran = False
             for c in chunks:
+                raw, c.raw = c.raw, []
                 losses, c.losses = c.losses, []
-                if not losses:  # FSDP per_micro: waits for the step's end
+                if not raw and not losses:  # FSDP per_micro: waits for the step's end
                     continue
                 ran = True
-                part = losses[0].detach() if len(losses) == 1 else torch.stack(losses).sum()
-                n = sum(c.items) if token else c.size
-                if len(chunks) == 1:  # the common case: one op at most
+                n = self._check_call_items(c) if token else c.size
+                if raw and not losses and len(chunks) == 1:  # the common case
+                    stacked = torch.stack(raw)
+                    if token:
+                        return stacked.sum() / n
+                    w = self._weights.mean(c.sizes, stacked)
+                    return torch.dot(w, stacked) if stacked.dim() == 1 else w @ stacked
+                # Otherwise in the step's units (each loss divided by the step's denominator and,
+                # mean mode, times its size), as the full path records them.
+                if raw:
+                    stacked = torch.stack(raw)
+                    if token:
+                        losses.append(stacked.sum() / c.den)
+                    else:
+                        sizes = torch.tensor(c.sizes[: len(raw)], dtype=stacked.dtype,
+                                             device=stacked.device)
+                        losses.append((sizes @ stacked) / c.den)
+                part = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+                if len(chunks) == 1:
                     if isinstance(n, int):
                         return part if n == c.den else part * (c.den / n)
                     return part * c.den / n
@@ -605,12 +627,18 @@ class AutoAccumOptimizer(InnerFacade):
         holder = self._gsync.accumulator(self._trainable)
         return holder.grad if holder is not None else None
 
-    def _check_call_items(self, chunk: Chunk) -> None:
-        if any(isinstance(x, torch.Tensor) for x in chunk.items):
-            bad = out_mod.bad_item_counts(chunk.items)
-            if bad is not None:
-                raise ValueError(f"{bad}; expected finite counts >= 0 (the call's samples are "
-                                 "dropped, earlier samples stay)")
+    def _check_call_items(self, chunk: Chunk) -> Any:
+        """The chunk's item counts summed once (token mode), raising if one is unusable; cached
+        on the chunk until its micro-batches change (a replay)."""
+        cached = chunk.item_sum
+        if cached is not None and cached[0] == len(chunk.items):
+            return cached[1]
+        total, bad = out_mod.item_total(chunk.items)
+        if bad is not None:
+            raise ValueError(f"{bad}; expected finite counts >= 0 (the call's samples are "
+                             "dropped, earlier samples stay)")
+        chunk.item_sum = (len(chunk.items), total)
+        return total
 
     # ---------------------------------------------------------------- internals: a step
     def _start_step(self) -> None:
@@ -701,7 +729,8 @@ class AutoAccumOptimizer(InnerFacade):
             if self._gsync.rounds:
                 self._run_rounds()
         samples = step.count
-        items = sum(x for c in step.chunks for x in c.items) if self._token_mode else samples
+        items = (sum(self._check_call_items(c) for c in step.chunks) if self._token_mode
+                 else samples)
         denominator = step.denominator if step.denominator is not None else step.size
         table = None
         peak = self.memory.peak_bytes() if self.memory is not None else None
@@ -842,9 +871,10 @@ class AutoAccumOptimizer(InnerFacade):
 
     def _run_fast(self, chunk: Chunk) -> _Oom | None:
         """The settled path: one tight loop over a new chunk's micro-batches (cut once, output
-        checked on the first one, nothing allocated per micro-batch but the loss kept for the
-        returned value). An OOM is returned, for the caller to recover from once this frame (and
-        the failed micro-batch's graph it holds) is gone."""
+        checked on the first one, no per-micro-batch object, no op beyond ``loss_fn`` and a
+        seeded backward; the raw losses are kept for the returned value). An OOM is returned,
+        for the caller to recover from once this frame (and the failed micro-batch's graph it
+        holds) is gone."""
         n = chunk.size
         sizes = balanced_split(n, self.policy.limit)
         flat = chunk.flat
@@ -855,8 +885,10 @@ class AutoAccumOptimizer(InnerFacade):
         tensors = flat.tensors
         loss_fn = chunk.loss_fn
         scaler = self.grad_scaler
-        losses, items_list, aux_list = chunk.losses, chunk.items, chunk.aux
-        form = token = den = 0
+        raw, items_list, aux_list = chunk.raw, chunk.items, chunk.aux
+        seeds: dict[int, torch.Tensor] = {}
+        form = den = 0
+        token = False
         k = phase = 0
         failure: _Oom | None = None
         started = time.perf_counter()
@@ -873,20 +905,26 @@ class AutoAccumOptimizer(InnerFacade):
                         loss, items, aux = self._read_checked(out, form)
                         token = bool(self._token_mode)
                         den = chunk.den = self._denominator()
+                        if scaler is None:  # a balanced split has at most two sizes
+                            make = self._weights.seed
+                            seeds = {s: make(loss, s, den, token) for s in set(sizes)}
                     elif form == out_mod.TENSOR:
                         loss = out
                     else:
                         loss, items, aux = out_mod.read(out, form)
                     # Token mode divides by the step's count as one big batch would; mean mode
-                    # weights by the micro-batch's share of the step, as a hand-written loop does.
-                    weighted = loss / den if token else loss * (size / den)
+                    # weights by the micro-batch's share of the step, as a hand-written loop does:
+                    # through backward's seed (see weights.py), with a scaler through its scale.
                     phase = 1
-                    (weighted if scaler is None else scaler.scale(weighted)).backward()
+                    if scaler is None:
+                        loss.backward(seeds[size])
+                    else:
+                        scaler.scale(loss / den if token else loss * (size / den)).backward()
                     phase = 0
                     # Kept as is: a detach per micro-batch costs more than the whole rest of the
                     # loop's bookkeeping. Its graph's saved tensors are already freed by backward;
                     # _call_loss drops these references when the call returns.
-                    losses.append(weighted)
+                    raw.append(loss)
                     if token:
                         items_list.append(items)
                     if aux is not None:

@@ -95,7 +95,7 @@ def check(output: Output, token: bool) -> None:
 
 def check_items(items: Any) -> None:
     """A micro-batch's ``num_items``: a finite number >= 0, or a one-element tensor (whose value
-    is checked once per call, see :func:`bad_item_counts`)."""
+    is checked once per call, see :func:`item_total`)."""
     if isinstance(items, torch.Tensor):
         if items.numel() != 1:
             raise ValueError(f"num_items must be a scalar, got shape {tuple(items.shape)}")
@@ -114,14 +114,22 @@ def check_items(items: Any) -> None:
         )
 
 
-def bad_item_counts(items: list[Any]) -> str | None:
-    """Why a call's item counts are unusable (negative, NaN or infinite), or None. Tensor counts
-    cost one host sync here, once per call."""
-    tensors = [x.reshape(()) for x in items if isinstance(x, torch.Tensor)]
+def item_total(items: list[Any]) -> tuple[Any, str | None]:
+    """A call's item counts summed, and why they are unusable (a negative, NaN or infinite
+    count) or None. Numbers are summed on the host; tensor counts with one stack and one sum, and
+    checked at one host sync, once per call (a handful of ops, whatever the micro-batch count)."""
+    numbers = [x for x in items if not isinstance(x, torch.Tensor)]
+    host: Any = sum(numbers)
+    bad = [x for x in numbers if isinstance(x, bool) or not isinstance(x, (int, float))
+           or not math.isfinite(x) or x < 0]
+    if bad:
+        return host, f"num_items {bad} hold a negative, NaN, infinite or non-numeric count"
+    tensors = [x if x.dim() == 0 else x.reshape(()) for x in items if isinstance(x, torch.Tensor)]
     if not tensors:
-        return None
-    stacked = torch.stack([t.to(torch.float64) for t in tensors])
-    ok = bool(torch.isfinite(stacked).all() & (stacked >= 0).all())
-    if ok:
-        return None
-    return f"num_items {stacked.tolist()} hold a negative, NaN or infinite count"
+        return host, None
+    stacked = torch.stack(tensors)
+    total = stacked.sum()
+    # NaN fails the first test (min is NaN), -inf too, +inf the second (the sum is infinite).
+    if not bool((stacked.amin() >= 0) & torch.isfinite(total)):
+        return total, f"num_items {stacked.tolist()} hold a negative, NaN or infinite count"
+    return (total + host if numbers else total), None

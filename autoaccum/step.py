@@ -23,8 +23,8 @@ LossFn = Callable[[Any], Any]
 class Chunk:
     """The samples one ``step()`` call brought to this step, and how far they are accumulated."""
 
-    __slots__ = ("aux", "call", "counted", "den", "done", "flat", "items", "loss_fn", "losses",
-                 "sizes", "versions")
+    __slots__ = ("aux", "call", "counted", "den", "done", "flat", "item_sum", "items", "loss_fn",
+                 "losses", "raw", "sizes", "versions")
 
     def __init__(self, flat: FlatBatch, loss_fn: LossFn, call: int, counted: int | None = None):
         self.flat = flat
@@ -38,11 +38,15 @@ class Chunk:
         """Nothing of this chunk is in ``.grad`` any more."""
         self.done = 0  # samples whose gradient is in .grad (a prefix)
         self.den: Any = 1  # what the micro-batch losses were divided by (the step's)
-        # Per accumulated micro-batch: its detached contribution to the step's loss (the weighted
-        # loss its backward ran on), item count (token mode only), size and auxiliary outputs.
-        # Combined once per call, never per micro-batch.
+        # Per accumulated micro-batch: its loss, item count (token mode only), size and auxiliary
+        # outputs; combined once per call, never per micro-batch. The loss is either raw (the
+        # fast path's: loss_fn's output, its backward seeded with the weight) in ``raw``, or
+        # detached and weighted (the full path's: divided by ``den``, and times its size in mean
+        # mode) in ``losses``; ``raw`` holds the first micro-batches, ``sizes`` all of them.
+        self.raw: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
         self.items: list[Any] = []
+        self.item_sum: tuple[int, Any] | None = None  # (len(items), their checked sum)
         self.sizes: list[int] = []
         self.aux: list[dict[str, Any]] = []
 

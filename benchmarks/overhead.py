@@ -10,8 +10,9 @@ micro-batch size are stepped by
   micro-batch, ``memory=None`` so no memory backend runs), one ``opt.step(loss_fn, batch)`` per
   loader batch;
 * ``minimal``: the floor any wrapper pays: cut the loader batch into micro-batches once
-  (``split``), call ``loss_fn``, scale, backward, one inner step and ``zero_grad`` per T samples;
-  no checks, no bookkeeping, no returned loss;
+  (``split``), call ``loss_fn``, backward seeded with the micro-batch's weight (a cached tensor:
+  the cheapest way to scale, as autoaccum's fast path does), one inner step and ``zero_grad`` per
+  T samples; no checks, no bookkeeping, no returned loss;
 * ``manual``: the loop a careful user writes: for each micro-batch
   ``(loss_fn(mb) * (mb_size / T)).backward()``; after T samples ``optimizer.step()`` and
   ``optimizer.zero_grad(set_to_none=True)``. In token mode (``loss_fn`` returns
@@ -116,6 +117,19 @@ def image_batch(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.randn(n, 3, 64, 64, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+def small_cnn() -> nn.Module:
+    """Two 3x3 conv blocks (16, 32 channels) with max-pooling and a linear head, 32x32 input."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+    )  # fmt: skip
+
+
+def small_image_batch(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
 VOCAB, SEQ, D = 1000, 32, 64
 
 
@@ -162,6 +176,9 @@ def cases(quick: bool) -> list[Case]:
              loader=64, goal=1.03, **mlp_timing),
         Case("MLP 64-64, T=64, M=8, loader 32", mlp, mlp_batch, ce_loss, token=False, target=64,
              micro=8, loader=32, goal=1.03, **mlp_timing),
+        Case("Small CNN 32x32, T=128, M=32", small_cnn, small_image_batch, ce_loss, token=False,
+             target=128, micro=32, loader=128, goal=1.01, rounds=40 if q else 300, warmup=3,
+             k=1, pool=8),
         Case("ResNet-18 64x64, T=32, M=8", resnet, image_batch, ce_loss, token=False, target=32,
              micro=8, loader=32, goal=1.01, rounds=6 if q else 40, warmup=2, k=1,
              pool=4),
@@ -218,8 +235,8 @@ class Manual:
 
 
 class Minimal:
-    """The unavoidable work of any wrapper: one ``split`` per leaf and call, loss_fn, scale,
-    backward, and one inner step per T samples."""
+    """The unavoidable work of any wrapper: one ``split`` per leaf and call, loss_fn, backward
+    seeded with the weight (no scaling op, no ``ones_like``), one inner step per T samples."""
 
     def __init__(self, model: nn.Module, case: Case) -> None:
         self.model = model
@@ -227,25 +244,33 @@ class Minimal:
         self.loss_fn = case.loss_fn(model)
         self.T, self.M, self.token = case.target, case.micro, case.token
         self.seen = 0
+        self.seeds: dict[Any, torch.Tensor] = {}
 
     def params_and_state(self) -> list[torch.Tensor]:
         return resident(self.opt)
+
+    def seed(self, key: Any, value: float | torch.Tensor) -> torch.Tensor:
+        found = self.seeds.get(key)
+        if found is None:
+            found = self.seeds[key] = torch.ones(()) * value
+        return found
 
     def __call__(self, batch: Any) -> None:
         T, M, loss_fn, opt = self.T, self.M, self.loss_fn, self.opt
         if isinstance(batch, dict):
             keys = list(batch)
             micro = [dict(zip(keys, parts)) for parts in zip(*[batch[k].split(M) for k in keys])]
-            total = batch["mask"].sum() if self.token else None
+            # the step's count is a tensor: one op per call makes the seed
+            tseed = torch.ones(()) / batch["mask"].sum() if self.token else None
         else:
             micro = list(zip(*[v.split(M) for v in batch]))
-            total = None
+            tseed = None
         for mb in micro:
             size = batch_len(mb)
             if self.token:
-                (loss_fn(mb)[0] / total).backward()
+                loss_fn(mb)[0].backward(tseed)
             else:
-                (loss_fn(mb) * (size / T)).backward()
+                loss_fn(mb).backward(self.seed(size, size / T))
             self.seen += size
             if self.seen == T:
                 opt.step()
@@ -498,6 +523,7 @@ def component_costs(number: int) -> list[tuple[str, str, float]]:
     In the training loop they run cold, after a backward has flushed the CPU caches, and cost
     two to four times more: the gap column of the table is the figure that counts."""
     from autoaccum import batching, planner, step
+    from autoaccum import weights as weights_mod
 
     x, y = mlp_batch(torch.Generator().manual_seed(0), 64)
     batch = (x, y)
@@ -505,7 +531,7 @@ def component_costs(number: int) -> list[tuple[str, str, float]]:
     sizes = planner.balanced_split(64, 8)
     model = mlp()
     loss = F.cross_entropy(model(x[:8]), y[:8])
-    weighted = [loss.detach() * 0.125 for _ in range(8)]
+    raw = [loss.detach() for _ in range(8)]
     out: list[tuple[str, str, float]] = []
 
     def add(name: str, scope: str, stmt: Callable[[], Any], div: int = 1) -> None:
@@ -522,9 +548,13 @@ def component_costs(number: int) -> list[tuple[str, str, float]]:
     add("  the minimal wrapper's x.split(8), y.split(8) + zip", "call",
         lambda: list(zip(x.split(8), y.split(8))))
     add("rebuild(leaves) (tuple)", "micro-batch", lambda: flat.rebuild([x, y]))
-    add("loss.detach() (not done on the fast path)", "micro-batch", lambda: loss.detach())
-    add("returned loss: torch.stack(8 weighted losses).sum()", "call",
-        lambda: torch.stack(weighted).sum())
+    seeds = weights_mod.Weights()
+    add("Weights.seed(loss, 8, 64): the cached backward seed, looked up per size", "call",
+        lambda: seeds.seed(loss, 8, 64, False))
+    add("  what it saves: loss * (8 / 64) and ones_like, the hand loop's scale and seed",
+        "micro-batch", lambda: torch.ones_like(loss * 0.125))
+    add("returned loss: torch.dot(cached weights, torch.stack(8 raw losses))", "call",
+        lambda: torch.dot(seeds.mean(sizes, loss), torch.stack(raw)))
     add("StepRecord(...) for opt.history", "step",
         lambda: autoaccum.StepRecord(1, 64, 8, 8, 0, None, None, 1e-3, 6e4, 1e-3))
     return out
@@ -581,8 +611,13 @@ def report(
         "",
         "Goal from the issue, median ratio <= 1.03 for the MLP and <= 1.01 where the model "
         "dominates, i.e. at most +3 µs per micro-batch above the minimal wrapper: "
-        + "; ".join(met) + ". Peak Δ of a few bytes: the loss tensors autoaccum keeps for "
-        "the loss it returns (a few bytes each).",
+        + "; ".join(met) + ". Peak Δ of a few bytes: the raw loss tensors autoaccum keeps for "
+        "the loss it returns and its cached backward seeds (a few bytes each). autoaccum can "
+        "be faster than the hand loop: on its fast path it seeds each backward with the "
+        "micro-batch's weight (a cached tensor) instead of running `loss * w` and "
+        "`ones_like`, two dispatcher ops per micro-batch that cost a light model several µs "
+        "(the gradient is the same bit for bit); the minimal wrapper does the same, so the "
+        "gap column is bookkeeping alone.",
         "",
         "What was measured:",
         "",
@@ -592,7 +627,8 @@ def report(
         "several steps for the MLP, one for the others); ratios are taken within a round, "
         "median and interquartile range over rounds. Forward, loss, backward and the inner "
         "AdamW step are in all three. The minimal wrapper does only what any wrapper must "
-        "(split once, loss_fn, scale, backward, one inner step per T samples); the gap column "
+        "(split once, loss_fn, a backward seeded with the weight, one inner step per T "
+        "samples); the gap column "
         "is autoaccum's own cost per micro-batch above it.",
         "* peak bytes: `SimulatedDevice(capacity_bytes=2**50).active(params + grads + optimizer "
         "state)` around two more optimizer steps of each variant, in a separate pass after "
@@ -626,7 +662,7 @@ def report(
         "time of calls made from `autoaccum/` into other code except `loss_fn`, backward and "
         "the inner optimizer's step/zero_grad (work the manual loop does too). Tensor "
         "arithmetic written as operators (`loss * w`, `a + b`) is inside the own time of the "
-        "function that does it; `loss * (size / T)` is done by the manual loop too. cProfile "
+        "function that does it. cProfile "
         "inflates every Python call by a fixed cost, so the sum "
         f"({prof_total:.1f} µs per micro-batch) is larger than the wall-clock gap; per-call "
         "rows (flatten, _accumulate, _finish_step) are spread over the step's micro-batches.",

@@ -265,7 +265,8 @@ def test_flush_after_a_restored_checkpoint_survives_a_failing_replay():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
 @pytest.mark.parametrize("as_tensor", [False, True])
-def test_bad_num_items_cost_only_the_failing_call(bad, as_tensor):
+@pytest.mark.parametrize("only_second", [False, True], ids=["every", "second-micro-batch"])
+def test_bad_num_items_cost_only_the_failing_call(bad, as_tensor, only_second):
     data = make_data(24)
     model = make_model()
     opt = autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=24,
@@ -273,8 +274,13 @@ def test_bad_num_items_cost_only_the_failing_call(bad, as_tensor):
     good = token_loss_fn(model)
     opt.step(good, slice_data(data, 0, 8))
 
-    def bad_fn(batch):
-        loss_sum, _ = good(batch)
+    seen = []
+
+    def bad_fn(batch):  # the first micro-batch's output is checked in full, later ones per call
+        loss_sum, items = good(batch)
+        seen.append(1)
+        if only_second and len(seen) != 2:
+            return loss_sum, (torch.tensor(items) if as_tensor else items)
         return loss_sum, (torch.tensor(bad) if as_tensor else bad)
 
     with pytest.raises(ValueError, match="num_items"):
