@@ -850,7 +850,7 @@ class AutoAccumOptimizer(InnerFacade):
         self.history.append(StepRecord(  # positional: this runs every step
             self.optimizer_steps, samples, largest, len(sizes), self._step_ooms, peak,
             self._step_free, seconds, samples / seconds if seconds > 0 else math.nan,
-            self._step_seconds,
+            self._step_seconds, self.policy.limit,
         ))
         if self.policy.active:
             self.policy.end_of_step(largest, measured, self._step_budget, self._step_ooms > 0,

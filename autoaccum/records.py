@@ -77,6 +77,9 @@ class StepRecord(NamedTuple):
     seconds: float  # wall time since the previous step ended (data loading included)
     samples_per_s: float  # samples / seconds, this rank
     compute_seconds: float  # this rank's forward/backward time in the step (no waiting, no data)
+    # The plan's micro-batch limit at the step's end (None: no limit, or a record made without
+    # it). Unlike micro_batch_size it does not drop when a loader batch cuts a call short.
+    micro_batch_limit: int | None = None
 
 
 class StepOutOfMemoryError(RuntimeError):

@@ -64,11 +64,14 @@ def plot_history(
 
     Steps that recovered from out-of-memory errors get a red vertical line on every panel (and a
     red cross, with the count when more than one, in the first); the legend entry "OOM (n)" gives
-    the total. A drop of the micro-batch size is annotated "halved" (or "halved xk" for k halvings
-    in one step, "shrank" for a smaller cut), a rise back to a size run before "grew back", and
-    the steps spent below an earlier size are shaded as the squeeze. Each step shows the largest
-    micro-batch it ran, so a halving in the middle of a step shows from the next step on; the
-    first step's memory probes (small micro-batches before the plan) are not counted as a change.
+    the total. A drop of the plan's micro-batch limit (dotted; records from before it was recorded:
+    the largest micro-batch run) is annotated "halved" (or "halved xk" for k halvings in one step,
+    "shrank" for a smaller cut), a rise back to a size run before "grew back", and the steps spent
+    below an earlier size are shaded as the squeeze. A step whose calls the loader's batches cut
+    into smaller micro-batches runs smaller ones under the same limit: no change. Without recorded
+    limits, each step shows the largest micro-batch it ran (a halving in the middle of a step
+    shows from the next step on) and the first step's memory probes (small micro-batches before
+    the plan) are not counted as a change.
     Labels that would crowd each other are left out; their markers stay.
 
     Raises:
@@ -117,6 +120,12 @@ def plot_history(
         steps, sizes, drawstyle="steps-mid", color="#1f77b4", lw=2.2, marker=dot, ms=4,
         label="micro-batch size (largest run)",
     )[0]
+    size_lines = [size_line]
+    if any(r.micro_batch_limit is not None for r in records):
+        size_lines.append(ax_size.plot(
+            steps, _sizes(records), drawstyle="steps-mid",
+            color="#1f77b4", lw=1.2, ls=":", label="micro-batch limit (plan)",
+        )[0])
     ax_acc = ax_size.twinx()
     acc_line = ax_acc.plot(
         steps, [r.accumulation_steps for r in records], drawstyle="steps-mid", color="#7f7f7f",
@@ -125,7 +134,7 @@ def plot_history(
     ax_size.set_ylabel("micro-batch size (samples)")
     ax_acc.set_ylabel("accumulation steps", color="#555555")
     ax_acc.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_size.set_ylim(0, max(max(sizes), 1) * 1.35)
+    ax_size.set_ylim(0, max(max(sizes), *(c.new for c in changes), 1) * 1.35)
     ax_acc.set_ylim(0, max(r.accumulation_steps for r in records) * 1.35 + 0.5)
     span = steps[-1] - steps[0] + 1
     # OOM text labels while they are few; beyond that the red lines and the legend say it.
@@ -191,7 +200,7 @@ def plot_history(
     marks = [h for h in (oom_handle, squeeze_handle) if h is not None]
     # Legends outside, right of the panels (past the accumulation axis): they never hide data.
     legend = {"loc": "upper left", "fontsize": 9, "borderaxespad": 0.0}
-    ax_size.legend(handles=[size_line, acc_line, *marks], bbox_to_anchor=(1.07, 1), **legend)
+    ax_size.legend(handles=[*size_lines, acc_line, *marks], bbox_to_anchor=(1.07, 1), **legend)
     if mem_lines:
         ax_mem.legend(handles=[*mem_lines, *marks[:1]], bbox_to_anchor=(1.07, 1), **legend)
     ax_rate.legend(handles=[*rate_lines, *marks[:1]], bbox_to_anchor=(1.07, 1), **legend)
@@ -272,15 +281,26 @@ def _limited(records: Sequence[StepRecord], i: int, full: int) -> bool:
     return r.micro_batch_size > 0 and not (r.samples < full and r.micro_batch_size >= r.samples)
 
 
-def _size_changes(records: Sequence[StepRecord]) -> list[_Change]:
+def _sizes(records: Sequence[StepRecord]) -> list[int | None]:
+    """The size whose changes count, per record: the plan's limit where the records carry it (a
+    step cut short by the loader's batches then shows no change; no limit counts as the largest
+    step), otherwise the largest micro-batch run, where the record says something about the
+    limit (see :func:`_limited`), else None."""
     full = max(r.samples for r in records)
+    if any(r.micro_batch_limit is not None for r in records):
+        return [full if r.micro_batch_limit is None else min(r.micro_batch_limit, full)
+                for r in records]
+    return [r.micro_batch_size if _limited(records, i, full) else None
+            for i, r in enumerate(records)]
+
+
+def _size_changes(records: Sequence[StepRecord]) -> list[_Change]:
     changes: list[_Change] = []
     prev: int | None = None
     highest = 0
-    for i, r in enumerate(records):
-        if not _limited(records, i, full):
+    for r, size in zip(records, _sizes(records), strict=True):
+        if size is None:
             continue
-        size = r.micro_batch_size
         if prev is not None and size != prev:
             if size < prev:
                 halvings = round(math.log2(prev / size))
@@ -300,22 +320,21 @@ def _size_changes(records: Sequence[StepRecord]) -> list[_Change]:
 
 def _squeezed_spans(records: Sequence[StepRecord]) -> list[tuple[int, int]]:
     """Runs of steps whose micro-batch is below the largest size run before (after a drop)."""
-    full = max(r.samples for r in records)
     spans: list[tuple[int, int]] = []
     highest = 0
     start: int | None = None
     last = records[0].step
-    for i, r in enumerate(records):
-        if not _limited(records, i, full):
+    for r, size in zip(records, _sizes(records), strict=True):
+        if size is None:
             continue
-        below = 0 < r.micro_batch_size < highest * 0.98
+        below = 0 < size < highest * 0.98
         if below and start is None:
             start = r.step
         elif not below and start is not None:
             spans.append((start, last))
             start = None
         last = r.step
-        highest = max(highest, r.micro_batch_size)
+        highest = max(highest, size)
     if start is not None:
         spans.append((start, last))
     return spans

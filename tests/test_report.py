@@ -152,3 +152,39 @@ def test_losses_add_a_fourth_panel_and_bad_losses_raise(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="losses must be numbers"):
         plot_history(history, tmp_path / "bad.png", losses={1: "high"})  # type: ignore[dict-item]
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_loader_cut_is_not_a_halving_when_records_carry_the_limit() -> None:
+    """Loader batches of 160 against a step of 256 at a limit of 128: the steps' largest
+    micro-batches are 96, 80, 128, ... as the calls are cut. The plan never changed, so nothing
+    is labelled."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = autoaccum.AutoAccumOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), target_batch_size=256, micro_batch_size=128
+    )
+    x, y = torch.randn(160, 4), torch.randn(160, 2)
+    for _ in range(16):
+        opt.step(lambda b: nn.functional.mse_loss(model(b[0]), b[1]), (x, y))
+    history = opt.history
+    assert {r.micro_batch_size for r in history} != {128}  # the cut shows in the largest run
+    assert {r.micro_batch_limit for r in history} == {128}
+    assert _size_changes(history) == []
+    assert _squeezed_spans(history) == []
+    # The same records without the limit (as older code wrote them) read as size changes.
+    assert _size_changes([r._replace(micro_batch_limit=None) for r in history])
+
+
+def test_a_halving_of_the_limit_is_labelled_at_its_step() -> None:
+    limits = [128] * 3 + [64] * 3 + [128] * 2
+    history = [record(i + 1, 96, samples=256, oom=int(i == 3))._replace(micro_batch_limit=m)
+               for i, m in enumerate(limits)]
+    changes = _size_changes(history)
+    assert [(c.step, c.old, c.new, c.label) for c in changes] == [
+        (4, 128, 64, "halved"), (7, 64, 128, "grew back")]
+    assert _squeezed_spans(history) == [(4, 6)]
+
+
+def test_plot_with_limits(tmp_path: Path) -> None:
+    history = [r._replace(micro_batch_limit=r.micro_batch_size) for r in squeeze_history()]
+    assert_png(plot_history(history, tmp_path / "limits.png"))
