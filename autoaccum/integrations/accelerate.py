@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..optimizer import _NO_BATCH, AutoAccumOptimizer
+from ..optimizer import AutoAccumOptimizer
 from ._context import InContext
 
 try:
@@ -57,6 +57,9 @@ __all__ = ["AcceleratedAutoAccumOptimizer", "prepare_optimizer"]
 _RECIPE = ("prepare only the model and the data: `model, loader = accelerator.prepare(model, "
            "loader)`, and give prepare_optimizer the plain torch optimizer")
 _UNSUPPORTED = ("DEEPSPEED", "MEGATRON_LM")
+
+
+_MISSING: Any = object()  # step() / step(closure): no batch given
 
 
 class AcceleratedAutoAccumOptimizer(AutoAccumOptimizer):
@@ -86,11 +89,13 @@ class AcceleratedAutoAccumOptimizer(AutoAccumOptimizer):
                          grad_scaler=accelerator.scaler, **kwargs)
         self.accelerator = accelerator
 
-    def step(self, loss_fn: Any = None, batch: Any = _NO_BATCH) -> Any:
+    def step(self, loss_fn: Any = None, batch: Any = _MISSING) -> Any:
         """``step(loss_fn, batch)``: as :meth:`AutoAccumOptimizer.step`, with ``loss_fn`` run
         inside ``accelerator.autocast()``. ``step()`` / ``step(closure)`` keep the plain
         ``Optimizer.step`` meaning (the closure is not autocast)."""
-        if batch is not _NO_BATCH and callable(loss_fn):
+        if batch is _MISSING:
+            return super().step(loss_fn)
+        if callable(loss_fn):
             loss_fn = InContext(self.accelerator.autocast, loss_fn)
         return super().step(loss_fn, batch)
 
