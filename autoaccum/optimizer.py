@@ -510,18 +510,17 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
                     stacked = torch.stack(raw)
                     if token:
                         return stacked.sum() / n
-                    w = self._weights.mean(c.sizes, stacked)
-                    return torch.dot(w, stacked) if stacked.dim() == 1 else w @ stacked
+                    return _dot(self._weights.mean(c.sizes, stacked), stacked)
                 # Otherwise in the step's units (each loss divided by the step's denominator and,
                 # mean mode, times its size), as the full path records them.
                 if raw:
                     stacked = torch.stack(raw)
                     if token:
                         losses.append(stacked.sum() / c.den)
-                    else:
-                        sizes = torch.tensor(c.sizes[: len(raw)], dtype=stacked.dtype,
-                                             device=stacked.device)
-                        losses.append((sizes @ stacked) / c.den)
+                    else:  # cached weights: no host-to-device copy (a sync on CUDA)
+                        sizes = c.sizes[: len(raw)]
+                        mean = _dot(self._weights.mean(sizes, stacked), stacked)
+                        losses.append(mean * (sum(sizes) / c.den))
                 part = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
                 if len(chunks) == 1:
                     if isinstance(n, int):
@@ -914,6 +913,11 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             self.share_schedule.set_from(start, new)
             log.info("shares %s -> %s from step %d (throughput %s samples/s)", list(current), new,
                      start, [round(r, 1) for r in rates])
+
+
+def _dot(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """``weights`` (a vector) times the stacked losses (0-d each, or one element)."""
+    return torch.dot(weights, stacked) if stacked.dim() == 1 else weights @ stacked
 
 
 def _replay_needs_loss_fn(_: Any) -> Any:

@@ -153,3 +153,27 @@ def test_seeded_backward_gives_the_hand_loops_gradient_bit_for_bit():
     for b, p, h in zip(before, model.parameters(), hand.parameters(), strict=True):
         assert torch.equal(p, b.add(h.grad, alpha=-1.0))  # what SGD(lr=1) does with it
 
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("token", [False, True], ids=["mean", "token"])
+def test_settled_calls_copy_no_host_data_to_the_device(token):
+    """A tensor made from host numbers (torch.tensor(list)) is a blocking copy on CUDA. Once the
+    weights are cached, no call makes one, also a call spanning several steps."""
+    model, opt = frozen(8, 3)
+    loss_fn = token_loss_fn(model, as_tensor=True) if token else mean_loss_fn(model)
+    batches = loader(make_data(60), [20, 20, 20])
+    opt.step(loss_fn, batches[0])  # the seeds and weights are made here
+    with _OpNames() as seen:
+        opt.step(loss_fn, batches[1])
+    assert "lift_fresh" not in seen.names
+    assert "stack" in seen.names  # the mode sees the driver's ops
