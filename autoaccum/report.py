@@ -64,14 +64,14 @@ def plot_history(
 
     Steps that recovered from out-of-memory errors get a red vertical line on every panel (and a
     red cross, with the count when more than one, in the first); the legend entry "OOM (n)" gives
-    the total. A drop of the plan's micro-batch limit (dotted; records from before it was recorded:
-    the largest micro-batch run) is annotated "halved" (or "halved xk" for k halvings in one step,
-    "shrank" for a smaller cut), a rise back to a size run before "grew back", and the steps spent
-    below an earlier size are shaded as the squeeze. A step whose calls the loader's batches cut
-    into smaller micro-batches runs smaller ones under the same limit: no change. Without recorded
-    limits, each step shows the largest micro-batch it ran (a halving in the middle of a step
-    shows from the next step on) and the first step's memory probes (small micro-batches before
-    the plan) are not counted as a change.
+    the total. A drop of the micro-batch size is annotated "halved" (or "halved xk" for k halvings
+    in one step, "shrank" for a smaller cut), a rise back to a size run before "grew back", and
+    the steps spent below an earlier size are shaded as the squeeze. Each step shows the largest
+    micro-batch it ran, so a halving in the middle of a step shows from the next step on; the
+    first step's memory probes (small micro-batches before the plan) are not counted as a change.
+    The plan's limit is drawn dotted, and a change counts only where the plan moved (an OOM, a
+    new limit): a step whose loader batches cut its calls into smaller micro-batches under the
+    same plan is not a halving.
     Labels that would crowd each other are left out; their markers stay.
 
     Raises:
@@ -122,8 +122,11 @@ def plot_history(
     )[0]
     size_lines = [size_line]
     if any(r.micro_batch_limit is not None for r in records):
+        full = max(r.samples for r in records)
+        limits = [full if r.micro_batch_limit is None else min(r.micro_batch_limit, full)
+                  for r in records]
         size_lines.append(ax_size.plot(
-            steps, _sizes(records), drawstyle="steps-mid",
+            steps, limits, drawstyle="steps-mid",
             color="#1f77b4", lw=1.2, ls=":", label="micro-batch limit (plan)",
         )[0])
     ax_acc = ax_size.twinx()
@@ -282,16 +285,33 @@ def _limited(records: Sequence[StepRecord], i: int, full: int) -> bool:
 
 
 def _sizes(records: Sequence[StepRecord]) -> list[int | None]:
-    """The size whose changes count, per record: the plan's limit where the records carry it (a
-    step cut short by the loader's batches then shows no change; no limit counts as the largest
-    step), otherwise the largest micro-batch run, where the record says something about the
-    limit (see :func:`_limited`), else None."""
+    """The size whose changes count, per record (None: a record that says nothing about the
+    limit, see :func:`_limited`): the largest micro-batch run.
+
+    Where the records carry the plan's limit, the steps fall into spans under one plan (a new
+    one after each change of the limit and after each step with an OOM), and every step counts
+    with the largest micro-batch its span ran: a step whose loader batches cut its calls into
+    smaller micro-batches (each call's part is split on its own) changes nothing, and neither
+    does a limit the plan gave up before any step ran it.
+    """
     full = max(r.samples for r in records)
-    if any(r.micro_batch_limit is not None for r in records):
-        return [full if r.micro_batch_limit is None else min(r.micro_batch_limit, full)
-                for r in records]
-    return [r.micro_batch_size if _limited(records, i, full) else None
+    base = [r.micro_batch_size if _limited(records, i, full) else None
             for i, r in enumerate(records)]
+    if all(r.micro_batch_limit is None for r in records):
+        return base
+    span_of: list[int] = []
+    largest: list[int | None] = []  # per span
+    limit: int | None = None
+    oom = False
+    for r, size in zip(records, base, strict=True):
+        if not largest or r.micro_batch_limit != limit or oom:
+            largest.append(None)
+            limit, oom = r.micro_batch_limit, False
+        oom = oom or r.oom_events > 0
+        if size is not None:
+            largest[-1] = max(largest[-1] or 0, size)
+        span_of.append(len(largest) - 1)
+    return [None if size is None else largest[k] for size, k in zip(base, span_of, strict=True)]
 
 
 def _size_changes(records: Sequence[StepRecord]) -> list[_Change]:

@@ -176,13 +176,28 @@ def test_a_loader_cut_is_not_a_halving_when_records_carry_the_limit() -> None:
 
 
 def test_a_halving_of_the_limit_is_labelled_at_its_step() -> None:
-    limits = [128] * 3 + [64] * 3 + [128] * 2
-    history = [record(i + 1, 96, samples=256, oom=int(i == 3))._replace(micro_batch_limit=m)
-               for i, m in enumerate(limits)]
+    """An OOM in step 4 halves the limit (that step ran 128 before it), so step 5 runs 64; step 6
+    is cut short by the loader (its largest is 48 under the same limit); a grow-back trial runs
+    128 in step 7."""
+    rows = [(128, 128), (128, 128), (128, 128), (128, 64), (64, 64), (48, 64), (128, 128)]
+    history = [record(i + 1, largest, samples=256, oom=int(i == 3))._replace(micro_batch_limit=m)
+               for i, (largest, m) in enumerate(rows)]
     changes = _size_changes(history)
     assert [(c.step, c.old, c.new, c.label) for c in changes] == [
-        (4, 128, 64, "halved"), (7, 64, 128, "grew back")]
-    assert _squeezed_spans(history) == [(4, 6)]
+        (5, 128, 64, "halved"), (7, 64, 128, "grew back")]
+    assert _squeezed_spans(history) == [(5, 6)]
+    # Without the limits the loader's cut in step 6 reads as one more drop.
+    plain = [r._replace(micro_batch_limit=None) for r in history]
+    assert [c.step for c in _size_changes(plain)] == [5, 6, 7]
+
+
+def test_a_size_the_plan_gave_up_without_running_is_not_a_change() -> None:
+    """The main example: the planner verified 86, the loader's batches cut every call into
+    micro-batches of 64, so 86 never ran and the plan settled at 64 after two steps."""
+    history = [record(i + 1, 64, samples=256)._replace(micro_batch_limit=86 if i < 2 else 64)
+               for i in range(8)]
+    assert _size_changes(history) == []
+    assert _squeezed_spans(history) == []
 
 
 def test_plot_with_limits(tmp_path: Path) -> None:
