@@ -164,22 +164,22 @@ class GradientReducer:
             for (dtype, device), total in needed.items()
         }
 
+    def _missing(self, grads: Sequence[torch.Tensor]
+                 ) -> list[tuple[torch.dtype, torch.device, int]]:
+        """The buckets ``grads`` need that are not allocated (or too small): dtype, device,
+        elements."""
+        return [(dtype, device, numel) for (dtype, device), numel in self._wanted(grads).items()
+                if (have := self._buckets.get((dtype, device))) is None or have.numel() < numel]
+
     def missing_bytes(self, grads: Sequence[torch.Tensor]) -> int:
         """Bytes :meth:`prepare` would allocate for ``grads`` (tensors shaped like the
         gradients) now: what the planner reserves before the first step."""
-        missing = 0
-        for (dtype, device), numel in self._wanted(grads).items():
-            have = self._buckets.get((dtype, device))
-            if have is None or have.numel() < numel:
-                missing += numel * _itemsize(dtype)
-        return missing
+        return sum(numel * _itemsize(dtype) for dtype, _, numel in self._missing(grads))
 
     def prepare(self, grads: Sequence[torch.Tensor]) -> None:
         """Allocate the bucket of each (dtype, device) once; may raise an OOM (before agreeing)."""
-        for (dtype, device), numel in self._wanted(grads).items():
-            have = self._buckets.get((dtype, device))
-            if have is None or have.numel() < numel:
-                self._buckets[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        for dtype, device, numel in self._missing(grads):
+            self._buckets[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
 
     def buffers(self) -> list[torch.Tensor]:
         """The bucket tensors (resident between steps)."""

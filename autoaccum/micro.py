@@ -34,7 +34,7 @@ from .memory import MemoryBackend
 from .planner import balanced_split, first_split
 from .policy import MicroBatchPolicy, OutOfMemoryForOneSample
 from .step import Chunk, LossFn, StepState
-from .weights import Weights
+from .weights import Weights, weigh
 
 log = logging.getLogger("autoaccum")
 
@@ -144,7 +144,7 @@ class MicroBatchRunner:
                     if scaler is None:
                         loss.backward(seeds[size])
                     else:
-                        scaler.scale(loss / den if token else loss * (size / den)).backward()
+                        scaler.scale(weigh(loss, size, den, token)).backward()
                     phase = 0
                     # Kept as is: a detach per micro-batch costs more than the whole rest of the
                     # loop's bookkeeping. Its graph's saved tensors are already freed by backward;
@@ -319,7 +319,7 @@ class MicroBatchRunner:
                 out = chunk.loss_fn(micro)
                 output = self._read_checked(out, out_mod.form_of(out))
                 den = chunk.den = self._denominator()
-                weighted = output.loss / den if self._token_mode else output.loss * (size / den)
+                weighted = weigh(output.loss, size, den, bool(self._token_mode))
                 scaled = weighted if self.grad_scaler is None else self.grad_scaler.scale(weighted)
                 self._in_backward = True
                 scaled.backward()

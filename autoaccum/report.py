@@ -121,6 +121,7 @@ def plot_history(
         label="micro-batch size (largest run)",
     )[0]
     size_lines = [size_line]
+    limits: list[int] = []
     if any(r.micro_batch_limit is not None for r in records):
         full = max(r.samples for r in records)
         limits = [full if r.micro_batch_limit is None else min(r.micro_batch_limit, full)
@@ -137,7 +138,7 @@ def plot_history(
     ax_size.set_ylabel("micro-batch size (samples)")
     ax_acc.set_ylabel("accumulation steps", color="#555555")
     ax_acc.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_size.set_ylim(0, max(max(sizes), *(c.new for c in changes), 1) * 1.35)
+    ax_size.set_ylim(0, max(max(sizes), *limits, 1) * 1.35)
     ax_acc.set_ylim(0, max(r.accumulation_steps for r in records) * 1.35 + 0.5)
     span = steps[-1] - steps[0] + 1
     # OOM text labels while they are few; beyond that the red lines and the legend say it.

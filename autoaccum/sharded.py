@@ -696,10 +696,11 @@ class Guard:
                               f"({details})")
 
 
-class _GuardedAllGather:
-    """FSDP's all-gather comm with a guard exchange right before the collective, i.e. after
-    FSDP allocated the all-gather buffer: a rank that runs out of memory allocating it can still
-    meet its peers at this exchange from its error path."""
+class _GuardedComm:
+    """One of FSDP's comms (all-gather or reduce-scatter) with a guard exchange right before its
+    collective, i.e. after FSDP allocated the collective's buffers: a rank that runs out of
+    memory allocating them can still meet its peers at this exchange from its error path. The
+    collective's own time counts as waiting (:attr:`Guard.wait_seconds`)."""
 
     def __init__(self, inner: Any, guard: Guard, tag: int) -> None:
         self.inner, self.guard, self.tag = inner, guard, tag
@@ -708,42 +709,30 @@ class _GuardedAllGather:
                  device: torch.device) -> torch.Tensor:
         return self.inner.allocate(size, dtype=dtype, device=device)  # type: ignore[no-any-return]
 
+    def _run(self, **kwargs: Any) -> Any:
+        guard = self.guard
+        if guard.active:
+            guard.sync(COLLECTIVE, self.tag)
+        started = time.perf_counter()  # blocking on gloo; see Guard.wait_seconds
+        work = self.inner(**kwargs)
+        guard.wait_seconds += time.perf_counter() - started
+        return work
+
+
+class _GuardedAllGather(_GuardedComm):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, async_op: bool = False) -> Any:
-        guard = self.guard
-        guard.all_gathers += 1
-        if guard.active:
-            guard.sync(COLLECTIVE, self.tag)
-        started = time.perf_counter()  # blocking on gloo; see Guard.wait_seconds
-        work = self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
-                          async_op=async_op)
-        guard.wait_seconds += time.perf_counter() - started
-        return work
+        self.guard.all_gathers += 1
+        return self._run(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
+                         async_op=async_op)
 
 
-class _GuardedReduceScatter:
-    """FSDP's reduce-scatter comm with a guard exchange right before the collective (after the
-    input and output buffers were allocated)."""
-
-    def __init__(self, inner: Any, guard: Guard, tag: int) -> None:
-        self.inner, self.guard, self.tag = inner, guard, tag
-
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
-        return self.inner.allocate(size, dtype=dtype, device=device)  # type: ignore[no-any-return]
-
+class _GuardedReduceScatter(_GuardedComm):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, op: Any, async_op: bool = False) -> Any:
-        guard = self.guard
-        guard.reduce_scatters += 1
-        if guard.active:
-            guard.sync(COLLECTIVE, self.tag)
-        started = time.perf_counter()  # blocking on gloo; see Guard.wait_seconds
-        work = self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
-                          op=op, async_op=async_op)
-        guard.wait_seconds += time.perf_counter() - started
-        return work
-
+        self.guard.reduce_scatters += 1
+        return self._run(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
+                         op=op, async_op=async_op)
 
 
 # -------------------------------------------------------------------------------------- the step

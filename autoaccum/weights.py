@@ -19,6 +19,13 @@ import torch
 _MAX_ENTRIES = 64  # a settled plan uses a handful; a changing one must not grow the cache
 
 
+def weigh(x: torch.Tensor, size: int, den: int, token: bool) -> torch.Tensor:
+    """A micro-batch's loss (or backward seed) weighted as a hand-written loop does: token mode
+    divides a ``loss_sum`` by the step's count, mean mode weights by the micro-batch's share of
+    the step. The one formula of the fast path's seeds and of the full path's weighted losses."""
+    return x / den if token else x * (size / den)
+
+
 class Weights:
     """Cached seeds and averaging weights, keyed by what they are made from."""
 
@@ -42,8 +49,8 @@ class Weights:
         if found is not None:
             return found
         with torch.no_grad():
-            ones = torch.ones(loss.shape, dtype=loss.dtype, device=loss.device)
-            value = ones / den if token else ones * (size / den)
+            value = weigh(torch.ones(loss.shape, dtype=loss.dtype, device=loss.device), size,
+                          den, token)
         return self._put(key, value)
 
     def mean(self, sizes: Sequence[int], like: torch.Tensor) -> torch.Tensor:
@@ -56,6 +63,3 @@ class Weights:
         total = sum(sizes)
         value = torch.tensor([s / total for s in sizes], dtype=like.dtype, device=like.device)
         return self._put(key, value)
-
-    def clear(self) -> None:
-        self._cache.clear()
