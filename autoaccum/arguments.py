@@ -9,6 +9,7 @@ from typing import Any
 from torch.optim import Optimizer
 
 from .facade import InnerFacade
+from .memory import MemoryBackend
 from .planner import check_shares, equal_shares
 
 # Keywords the wrapper takes for itself (an optimizer class that takes one of them too must be
@@ -31,6 +32,15 @@ def initial_shares(shares: Any, target: int, world: int) -> list[int]:
         return check_shares(shares, target, world)
     raise ValueError(f"shares must be 'equal', 'auto' or a list of per-rank sample counts, "
                      f"got {shares!r}")
+
+
+def check_memory(memory: Any) -> None:
+    if memory is not None and not isinstance(memory, MemoryBackend):
+        raise TypeError(
+            f"memory must follow autoaccum.MemoryBackend (free_bytes, allocated_bytes, "
+            f"reset_peak, peak_bytes, release, active; e.g. autoaccum.SimulatedDevice), got "
+            f"{type(memory).__name__}"
+        )
 
 
 def check_positive_int(name: str, value: Any) -> None:

@@ -32,6 +32,7 @@ from . import oom as oom_mod
 from . import outputs as out_mod
 from .arguments import (
     build_inner,
+    check_memory,
     check_non_negative_int,
     check_positive_int,
     initial_shares,
@@ -133,11 +134,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
             )
-        if memory is not None and not isinstance(memory, MemoryBackend):
-            raise TypeError(
-                f"memory must follow autoaccum.MemoryBackend (free_bytes, allocated_bytes, "
-                f"reset_peak, peak_bytes, release, active), got {type(memory).__name__}"
-            )
+        check_memory(memory)
         if count_items is not None and not callable(count_items):
             raise TypeError(f"count_items must be callable, got {type(count_items).__name__}")
         if fsdp_mode not in sharded.MODES:
@@ -265,6 +262,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             if not callable(loss_fn):
                 raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
             flat = flatten_batch(batch)
+            loss_fn = self._prepare_loss_fn(loss_fn)
             self._loss_fn = loss_fn
             if self.memory is None:
                 loss = self._accumulate(loss_fn, flat, call)
@@ -301,11 +299,16 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
                 if self._step.chunks:
                     self._check_grads_untouched()
                 if self._step.needs_replay:
-                    self._replay(loss_fn or self._loss_fn)
+                    self._replay(self._prepare_loss_fn(loss_fn) if loss_fn else self._loss_fn)
                 return self._finish_step(flush=True)
         except BaseException as exc:
             self._fail(self._calls, exc)
             raise
+
+    def _prepare_loss_fn(self, loss_fn: LossFn) -> LossFn:
+        """The ``loss_fn`` as it runs, for every micro-batch and replay of a ``step`` or
+        ``flush`` that gives one: a subclass wraps it (e.g. in a framework's autocast)."""
+        return loss_fn
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the gradients, unless samples of an unfinished step are accumulated in them:

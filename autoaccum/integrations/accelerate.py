@@ -59,9 +59,6 @@ _RECIPE = ("prepare only the model and the data: `model, loader = accelerator.pr
 _UNSUPPORTED = ("DEEPSPEED", "MEGATRON_LM")
 
 
-_MISSING: Any = object()  # step() / step(closure): no batch given
-
-
 class AcceleratedAutoAccumOptimizer(AutoAccumOptimizer):
     """An :class:`~autoaccum.AutoAccumOptimizer` that takes its mixed precision from an
     ``Accelerator``; build it with :func:`prepare_optimizer`.
@@ -89,22 +86,10 @@ class AcceleratedAutoAccumOptimizer(AutoAccumOptimizer):
                          grad_scaler=accelerator.scaler, **kwargs)
         self.accelerator = accelerator
 
-    def step(self, loss_fn: Any = None, batch: Any = _MISSING) -> Any:
-        """``step(loss_fn, batch)``: as :meth:`AutoAccumOptimizer.step`, with ``loss_fn`` run
-        inside ``accelerator.autocast()``. ``step()`` / ``step(closure)`` keep the plain
-        ``Optimizer.step`` meaning (the closure is not autocast)."""
-        if batch is _MISSING:
-            return super().step(loss_fn)
-        if callable(loss_fn):
-            loss_fn = InContext(self.accelerator.autocast, loss_fn)
-        return super().step(loss_fn, batch)
-
-    def flush(self, loss_fn: Callable[[Any], Any] | None = None) -> bool:
-        """As :meth:`AutoAccumOptimizer.flush`, with a given ``loss_fn`` run inside
-        ``accelerator.autocast()`` (replays with the last ``step``'s ``loss_fn`` are already)."""
-        if callable(loss_fn):
-            loss_fn = InContext(self.accelerator.autocast, loss_fn)
-        return super().flush(loss_fn)
+    def _prepare_loss_fn(self, loss_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        # step(loss_fn, batch) and flush(loss_fn): inside accelerator.autocast(); step() and
+        # step(closure) keep the plain Optimizer.step meaning (the closure is not autocast).
+        return InContext(self.accelerator.autocast, loss_fn)
 
 
 def prepare_optimizer(accelerator: Accelerator, optimizer: Optimizer | type[Optimizer],

@@ -74,7 +74,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..batching import flatten_batch
 from ..optimizer import AutoAccumOptimizer
-from ._context import InContext
+from ._context import InContext, plan_metrics
 
 __all__ = ["AutoAccumCallback", "AutoAccumModule", "find_autoaccum_optimizer"]
 
@@ -196,7 +196,7 @@ class AutoAccumCallback(Callback):
             return
         # Every rank calls this (Lightning runs the same hooks everywhere): in a DDP job, flush
         # is a collective even on a rank with nothing pending.
-        opt.flush(getattr(pl_module, "_autoaccum_last_loss_fn", None))
+        opt.flush()  # pending samples replay with the loss_fn they came with
         self._sync_global_step(trainer)
 
     def _sync_global_step(self, trainer: pl.Trainer) -> None:
@@ -305,7 +305,6 @@ class AutoAccumModule(pl.LightningModule):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
-        self._autoaccum_last_loss_fn: LossFn | None = None
         self._autoaccum_checked: object | None = None
 
     def configure_autoaccum(self, optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer],
@@ -341,13 +340,12 @@ class AutoAccumModule(pl.LightningModule):
         opt = self.autoaccum_optimizer
         plugin = trainer.precision_plugin
         before = opt.optimizer_steps
-        if isinstance(plugin, MixedPrecision):
+        if isinstance(plugin, MixedPrecision) and callable(loss_fn):
             fn: LossFn = InContext(plugin.forward_context, loss_fn)
             context: contextlib.AbstractContextManager[Any] = torch.autocast(plugin.device,
                                                                              enabled=False)
         else:
             fn, context = loss_fn, contextlib.nullcontext()
-        self._autoaccum_last_loss_fn = fn
         with context:
             loss: torch.Tensor = opt.step(fn, batch)
         if self.autoaccum_log:
@@ -359,11 +357,8 @@ class AutoAccumModule(pl.LightningModule):
         size = flatten_batch(batch).size
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         if stepped:
-            plan = opt.plan  # of the last finished step: its sizes are a short tuple
-            for name, value in (("micro_batch_size", max(plan.micro_batch_sizes, default=0)),
-                                ("accumulation_steps", plan.accumulation_steps),
-                                ("oom_events", opt.oom_events),
-                                ("optimizer_steps", opt.optimizer_steps)):
+            metrics = {**plan_metrics(opt), "optimizer_steps": opt.optimizer_steps}
+            for name, value in metrics.items():
                 self.log(f"autoaccum/{name}", float(value), on_step=True, on_epoch=False,
                          batch_size=size)
 

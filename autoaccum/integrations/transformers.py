@@ -69,11 +69,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'pip install "autoaccum[hf]"'
     ) from exc
 
-from ..arguments import check_positive_int
+from ..arguments import check_memory, check_positive_int
 from ..facade import InnerFacade
 from ..losses import causal_lm_loss, count_causal_lm_items
 from ..memory import MemoryBackend
 from ..optimizer import AutoAccumOptimizer
+from ._context import plan_metrics
 
 __all__ = ["AutoAccumTrainer"]
 
@@ -317,13 +318,7 @@ class AutoAccumTrainer(Trainer):
         largest micro-batch of the last step), ``accumulation_steps`` and ``oom_events``."""
         opt = self.autoaccum_optimizer
         if opt is not None and "loss" in logs:
-            plan = opt.plan
-            logs = {
-                **logs,
-                "micro_batch_size": max(plan.micro_batch_sizes, default=0),
-                "accumulation_steps": plan.accumulation_steps,
-                "oom_events": opt.oom_events,
-            }
+            logs = {**logs, **plan_metrics(opt)}
         if start_time is None:
             super().log(logs)
         else:
@@ -433,11 +428,7 @@ def _check_arguments(
     check_positive_int("target_batch_size", target)
     if micro is not None:
         check_positive_int("micro_batch_size", micro)
-    if memory is not None and not isinstance(memory, MemoryBackend):
-        raise TypeError(
-            f"memory must follow autoaccum.MemoryBackend (e.g. autoaccum.SimulatedDevice), got "
-            f"{type(memory).__name__}"
-        )
+    check_memory(memory)
     if shares != "equal":
         raise ValueError(
             f"AutoAccumTrainer supports shares='equal' only, got shares={shares!r}: the Trainer's "
