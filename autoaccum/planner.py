@@ -13,6 +13,16 @@ from dataclasses import dataclass
 import torch
 
 
+def split_shape(n: int, limit: int | None) -> tuple[int, int, int]:
+    """``(k, base, extra)`` of :func:`balanced_split`: ``k`` micro-batches, the first ``extra``
+    of ``base + 1`` samples and the rest of ``base`` (``(0, 0, 0)`` for no sample)."""
+    if n == 0:
+        return 0, 0, 0
+    k = 1 if limit is None or limit >= n else -(-n // limit)
+    base, extra = divmod(n, k)
+    return k, base, extra
+
+
 def balanced_split(n: int, limit: int | None) -> list[int]:
     """Cut ``n`` samples into the fewest micro-batches of at most ``limit``, sizes within one.
 
@@ -27,8 +37,7 @@ def balanced_split(n: int, limit: int | None) -> list[int]:
         return [n]
     if limit < 1:
         raise ValueError(f"micro-batch limit must be >= 1, got {limit}")
-    k = -(-n // limit)
-    base, extra = divmod(n, k)
+    k, base, extra = split_shape(n, limit)
     return [base + 1] * extra + [base] * (k - extra)
 
 

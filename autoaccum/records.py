@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from .planner import split_shape
+
 __all__ = ["MicroBatchSizes", "Plan", "StepOutOfMemoryError", "StepRecord"]
 
 
@@ -18,9 +20,7 @@ class MicroBatchSizes(Sequence[int]):
         self._n, self._limit, self._sizes = n, limit, sizes
 
     def _count(self) -> tuple[int, int, int]:
-        k = 1 if self._limit is None or self._limit >= self._n else -(-self._n // self._limit)
-        base, extra = divmod(self._n, k) if self._n else (0, 0)
-        return k if self._n else 0, base, extra
+        return split_shape(self._n, self._limit)
 
     def __len__(self) -> int:
         return len(self._sizes) if self._sizes is not None else self._count()[0]

@@ -202,3 +202,16 @@ def test_the_shrunk_share_case_from_the_sharded_benchmark():
         {2: 277516, 9: 327692, 117: 1101844, 128: 130984, 91: 93096},
         952283, 91, margin=0.1, final_margin=0.0, single_pass_saving=1587232)
     assert choice == planner.SizeChoice(91, None)
+
+
+def test_micro_batch_sizes_is_the_balanced_split_without_building_it():
+    from autoaccum.records import MicroBatchSizes
+
+    for n in range(0, 40):
+        for limit in (None, 1, 2, 3, 7, 16, 39, 100):
+            lazy = MicroBatchSizes(n, limit)
+            assert lazy == tuple(planner.balanced_split(n, limit))
+            assert len(lazy) == len(planner.balanced_split(n, limit))
+    huge = MicroBatchSizes(10**9 + 1, 1000)
+    assert len(huge) == 10**6 + 1
+    assert huge[0] == 1000 and huge[-1] == 999
