@@ -7,15 +7,13 @@ samples. Non-tensor leaves go unchanged to every micro-batch. A batch is flatten
 compiled once per call, so the per-micro-batch cost is a few list operations.
 
 The structure is kept in two forms: a runtime one holding the container classes, and a plain one
-(nested lists of strings, ints and the constant leaves) that a checkpoint can hold and that
-``torch.load(..., weights_only=True)`` accepts. :func:`restore_batch` rebuilds a batch from the
-plain form.
+(nested lists of strings, ints and the keys) that a checkpoint holds, that
+``torch.load(..., weights_only=True)`` accepts, and that names no code: a user type appears in it
+only as a display string, never imported or called (see :mod:`autoaccum.restore`).
 """
 
 from __future__ import annotations
 
-import collections
-import importlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,16 +23,16 @@ import torch
 log = logging.getLogger("autoaccum")
 
 # Runtime structure nodes: (kind, cls, keys, children). Kinds:
-_LEAF, _CONST, _TUPLE, _LIST, _DICT, _NAMEDTUPLE, _MAPPING = range(7)
+LEAF, CONST, TUPLE, LIST, DICT, NAMEDTUPLE, MAPPING = range(7)
 Spec = tuple[Any, ...]
-_TENSOR_SPEC: Spec = (_LEAF,)
+TENSOR_SPEC: Spec = (LEAF,)
 Rebuild = Callable[[Sequence[Any]], Any]
 
 
 class FlatBatch:
     """A validated batch: its leaves, its structure, which leaves are tensors, its sample count."""
 
-    __slots__ = ("device", "leaves", "rebuild", "size", "spec", "tensors")
+    __slots__ = ("device", "leaves", "rebuild", "restored", "size", "spec", "tensors")
 
     def __init__(
         self,
@@ -48,6 +46,9 @@ class FlatBatch:
         self.leaves, self.spec, self.tensors, self.size = leaves, spec, tensors, size
         self.device = device  # where every tensor leaf is, or None if they differ
         self.rebuild = rebuild if rebuild is not None else _compile(spec)
+        # Samples restored from a checkpoint: the plain structure they were saved with, until a
+        # live batch of the same structure lends them its container types (None otherwise).
+        self.restored: list[Any] | None = None
 
     def slice(self, start: int, stop: int) -> FlatBatch:
         """Samples ``[start, stop)`` as views of the same host memory (no copy)."""
@@ -97,7 +98,7 @@ class FlatBatch:
             x.detach().clone(memory_format=torch.contiguous_format) if i in self.tensors else x
             for i, x in enumerate(self.leaves)
         ]
-        return {"leaves": leaves, "structure": _plain(self.spec)}
+        return {"leaves": leaves, "structure": plain_structure(self.spec)}
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -112,41 +113,41 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _flatten(obj: Any, leaves: list[Any]) -> Spec:
     if isinstance(obj, torch.Tensor):
         leaves.append(obj)
-        return (_LEAF,)
+        return (LEAF,)
     cls = type(obj)
     if cls is tuple or cls is list:
         children = tuple(_flatten(x, leaves) for x in obj)
-        return (_TUPLE if cls is tuple else _LIST, None, None, children)
+        return (TUPLE if cls is tuple else LIST, None, None, children)
     if isinstance(obj, tuple) and hasattr(cls, "_fields"):
         children = tuple(_flatten(x, leaves) for x in obj)
-        return (_NAMEDTUPLE, cls, tuple(cls._fields), children)
+        return (NAMEDTUPLE, cls, tuple(cls._fields), children)
     if isinstance(obj, Mapping):
         keys = tuple(obj.keys())
         children = tuple(_flatten(obj[k], leaves) for k in keys)
-        return (_DICT if cls is dict else _MAPPING, cls, keys, children)
+        return (DICT if cls is dict else MAPPING, cls, keys, children)
     if isinstance(obj, (tuple, list)):  # subclasses: rebuilt as their base
         children = tuple(_flatten(x, leaves) for x in obj)
-        return (_TUPLE if isinstance(obj, tuple) else _LIST, None, None, children)
+        return (TUPLE if isinstance(obj, tuple) else LIST, None, None, children)
     leaves.append(obj)
-    return (_CONST,)
+    return (CONST,)
 
 
 def _compile(spec: Spec) -> Rebuild:
     """A function ``leaves -> batch`` for ``spec``; common shapes get a direct one."""
     kind = spec[0]
-    if kind == _LEAF:
+    if kind == LEAF:
         return _first
-    children = spec[3] if kind not in (_LEAF, _CONST) else ()
-    flat_children = all(c[0] in (_LEAF, _CONST) for c in children)
+    children = spec[3] if kind not in (LEAF, CONST) else ()
+    flat_children = all(c[0] in (LEAF, CONST) for c in children)
     if flat_children:
-        if kind == _TUPLE:
+        if kind == TUPLE:
             return tuple
-        if kind == _LIST:
+        if kind == LIST:
             return list
-        if kind == _DICT:
+        if kind == DICT:
             keys = spec[2]
             return lambda leaves: dict(zip(keys, leaves))
-        if kind == _NAMEDTUPLE:
+        if kind == NAMEDTUPLE:
             return spec[1]._make  # type: ignore[no-any-return]
 
     def rebuild(leaves: Sequence[Any]) -> Any:
@@ -162,17 +163,17 @@ def _first(leaves: Sequence[Any]) -> Any:
 
 def _build(spec: Spec, it: Any) -> Any:
     kind = spec[0]
-    if kind in (_LEAF, _CONST):
+    if kind in (LEAF, CONST):
         return next(it)
     values = [_build(c, it) for c in spec[3]]
-    if kind == _TUPLE:
+    if kind == TUPLE:
         return tuple(values)
-    if kind == _LIST:
+    if kind == LIST:
         return values
-    if kind == _NAMEDTUPLE:
+    if kind == NAMEDTUPLE:
         return spec[1]._make(values)
     mapping = dict(zip(spec[2], values))
-    if kind == _DICT:
+    if kind == DICT:
         return mapping
     return _make_mapping(spec[1], mapping)
 
@@ -198,15 +199,15 @@ def flatten_batch(batch: Any) -> FlatBatch:
     rebuild: Rebuild | None = None
     # The common shapes without recursion: a tensor, a flat tuple/list/dict of tensors.
     if cls is torch.Tensor:
-        leaves, spec, tensors, rebuild = [batch], _TENSOR_SPEC, (0,), _first
+        leaves, spec, tensors, rebuild = [batch], TENSOR_SPEC, (0,), _first
     elif (cls is tuple or cls is list) and all(type(x) is torch.Tensor for x in batch):
         leaves = list(batch)
-        spec = (_TUPLE if cls is tuple else _LIST, None, None, (_TENSOR_SPEC,) * len(leaves))
+        spec = (TUPLE if cls is tuple else LIST, None, None, (TENSOR_SPEC,) * len(leaves))
         tensors = tuple(range(len(leaves)))
         rebuild = cls
     elif cls is dict and all(type(x) is torch.Tensor for x in batch.values()):
         leaves = list(batch.values())
-        spec = (_DICT, dict, tuple(batch), (_TENSOR_SPEC,) * len(leaves))
+        spec = (DICT, dict, tuple(batch), (TENSOR_SPEC,) * len(leaves))
         tensors = tuple(range(len(leaves)))
     else:
         leaves = []
@@ -264,62 +265,23 @@ def _raise_shape_error(batch: Any) -> None:
 
 
 # ------------------------------------------------------------------------------ checkpoint form
-_KIND_NAMES = {_LEAF: "tensor", _CONST: "value", _TUPLE: "tuple", _LIST: "list", _DICT: "dict",
-               _NAMEDTUPLE: "namedtuple", _MAPPING: "mapping"}
-_KINDS = {v: k for k, v in _KIND_NAMES.items()}
+KIND_NAMES = {LEAF: "tensor", CONST: "value", TUPLE: "tuple", LIST: "list", DICT: "dict",
+              NAMEDTUPLE: "namedtuple", MAPPING: "mapping"}
 
 
-def _plain(spec: Spec) -> list[Any]:
+def type_name(cls: type) -> str:
+    """How a checkpoint names a user's container type: a display string, never resolved."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def plain_structure(spec: Spec) -> list[Any]:
+    """``spec`` as nested lists ``[kind, type name or None, keys or None, children]`` (leaves:
+    ``[kind]``), the form a checkpoint holds."""
     kind = spec[0]
-    name = _KIND_NAMES[kind]
-    if kind in (_LEAF, _CONST):
+    name = KIND_NAMES[kind]
+    if kind in (LEAF, CONST):
         return [name]
     cls = spec[1]
-    where = f"{cls.__module__}:{cls.__qualname__}" if cls is not None else None
     keys = list(spec[2]) if spec[2] is not None else None
-    return [name, where, keys, [_plain(c) for c in spec[3]]]
-
-
-def _resolve(where: str) -> Any | None:
-    module, _, qualname = where.partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        return None
-    return obj
-
-
-def _from_plain(plain: list[Any]) -> Spec:
-    kind = _KINDS[plain[0]]
-    if kind in (_LEAF, _CONST):
-        return (kind,)
-    _, where, keys, children = plain
-    cls: Any = None
-    if kind in (_NAMEDTUPLE, _MAPPING):
-        cls = _resolve(where)
-        if cls is None:
-            log.warning("checkpointed batch type %s cannot be imported; restoring it as a %s",
-                        where, "namedtuple of the same fields" if kind == _NAMEDTUPLE else "dict")
-            if kind == _NAMEDTUPLE:
-                make: Any = collections.namedtuple
-                cls = make(where.rpartition(":")[2].rpartition(".")[2], keys)
-            else:
-                kind = _DICT
-    elif kind == _DICT:
-        cls = dict
-    return (kind, cls, tuple(keys) if keys is not None else None,
-            tuple(_from_plain(c) for c in children))
-
-
-def restore_batch(saved: dict[str, Any]) -> FlatBatch:
-    """The :class:`FlatBatch` that :meth:`FlatBatch.to_checkpoint` saved."""
-    spec = _from_plain(saved["structure"])
-    leaves = list(saved["leaves"])
-    tensors = tuple(i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor))
-    first = leaves[tensors[0]]
-    device = first.device
-    if any(leaves[i].device != device for i in tensors[1:]):
-        device = None
-    return FlatBatch(leaves, spec, tensors, first.shape[0], device)
+    return [name, type_name(cls) if cls is not None else None, keys,
+            [plain_structure(c) for c in spec[3]]]

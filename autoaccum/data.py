@@ -230,19 +230,23 @@ class ShareSchedule:
 
         Raises ValueError (and changes nothing) on a malformed state or another world size/target.
         """
-        try:
-            raw_entries = list(state_dict["entries"])
-            last_read = int(state_dict["last_read"])
-        except (KeyError, TypeError) as e:
+        if not isinstance(state_dict, dict) or set(state_dict) != {"entries", "last_read"} \
+                or not isinstance(state_dict["entries"], (list, tuple)) \
+                or type(state_dict["last_read"]) is not int or state_dict["last_read"] < -1:
             raise ValueError(
-                f"expected a ShareSchedule state dict with 'entries' and 'last_read', got "
-                f"{state_dict!r}"
-            ) from e
+                f"expected a ShareSchedule state dict with exactly 'entries' (a list) and "
+                f"'last_read' (an int >= -1), got {state_dict!r}"
+            )
+        raw_entries = list(state_dict["entries"])
+        last_read = state_dict["last_read"]
         if not raw_entries:
             raise ValueError("ShareSchedule state has no entries; expected at least one")
         steps: list[int] = []
         shares: list[tuple[int, ...]] = []
         for entry in raw_entries:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ValueError(f"ShareSchedule state entries must be [step, shares] pairs, "
+                                 f"got {entry!r}")
             step, sh = entry
             step = _as_step(step, "entry step")
             sh = _as_shares(sh, f"shares of the entry at step {step}")

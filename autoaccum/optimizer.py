@@ -27,23 +27,21 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import distributed, sharded
+from . import checkpoint, distributed, sharded
 from . import oom as oom_mod
 from . import outputs as out_mod
 from .arguments import (
     build_inner,
     check_memory,
-    check_non_negative_int,
     check_positive_int,
     initial_shares,
 )
-from .batching import FlatBatch, flatten_batch, restore_batch
+from .batching import FlatBatch, flatten_batch
 from .data import ShareSchedule
 from .facade import InnerFacade
 from .memory import MemoryBackend, default_backend
 from .micro import MicroBatchRunner
 from .planner import (
-    equal_shares,
     proportional_shares,
     state_buffers_per_param,
     step_temporaries,
@@ -58,7 +56,6 @@ log = logging.getLogger("autoaccum")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 _NO_BATCH: Any = object()
-_CHECKPOINT_VERSION = 2
 
 
 def _user_stacklevel() -> int:
@@ -330,23 +327,18 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus an ``"autoaccum"`` entry: the plan, the counters
-        and compact copies of the unfinished step's samples (replayed after loading). Loadable
-        with ``torch.load``'s default ``weights_only=True`` when the batches hold only tensors
-        and plain Python values."""
+        and compact copies of the unfinished step's samples (replayed after loading), their
+        batch structure as plain data that names no code (:mod:`autoaccum.checkpoint`).
+        Loadable with ``torch.load``'s default ``weights_only=True`` when the batches' non-tensor
+        leaves are plain Python values, whatever the batches' container types."""
         sd = self._gsync.optimizer_state_dict(self.optimizer)
-        sd["autoaccum"] = {
-            "version": _CHECKPOINT_VERSION,
-            "target_batch_size": self.target_batch_size,
-            "optimizer_steps": self.optimizer_steps,
-            "oom_events": self.oom_events,
-            "skipped_steps": self.skipped_steps,
-            "token_mode": self._token_mode,
-            "last_sizes": list(self._last_sizes) if self._last_sizes else None,
-            "policy": self.policy.state_dict(),
-            "shares": self.share_schedule.state_dict(),
-            "step_size": self._step.size,
-            "pending": [c.flat.to_checkpoint() for c in self._step.chunks],
-        }
+        sd["autoaccum"] = checkpoint.entry(
+            target_batch_size=self.target_batch_size, optimizer_steps=self.optimizer_steps,
+            oom_events=self.oom_events, skipped_steps=self.skipped_steps,
+            token_mode=self._token_mode, last_sizes=self._last_sizes,
+            policy=self.policy.state_dict(), shares=self.share_schedule.state_dict(),
+            step_size=self._step.size, pending=[c.flat for c in self._step.chunks],
+        )
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -356,27 +348,34 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         whatever ``.grad`` held (a load mid-step into the same live objects, into fresh ones, or
         after gradients were copied all continue exactly), and the restored plan needs no probes.
         """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"load_state_dict expects the dict state_dict() returns, got "
+                            f"{type(state_dict).__name__}")
         state_dict = dict(state_dict)
         own = state_dict.pop("autoaccum", None)
-        restored: tuple[Any, ...] | None = None
+        restored = None
         if own is not None:
-            restored = self._parse_own_state(own)
+            restored = checkpoint.parse_entry(
+                own, target_batch_size=self.target_batch_size,
+                world=self._dist.world_size if self._dist is not None else 1, rank=self._rank,
+                new_policy=self._new_policy,
+                devices=(torch.device("cpu"), self._param_device),
+            )
         self._gsync.load_optimizer_state_dict(self.optimizer, state_dict)
         self._gsync.end_step()  # FSDP: the next call starts the step's collectives afresh
         self._refresh_params()
         self._fresh = True
         if restored is None:
             return
-        policy, schedule, pending, step_size, last_sizes = restored
-        self.optimizer_steps = own["optimizer_steps"]
-        self.oom_events = own["oom_events"]
-        self.skipped_steps = own["skipped_steps"]
-        self._token_mode = own["token_mode"]
-        self._last_sizes = last_sizes
-        self.policy = policy
-        self.share_schedule = schedule
-        self._step = StepState(step_size)
-        for flat in pending:
+        self.optimizer_steps = restored.optimizer_steps
+        self.oom_events = restored.oom_events
+        self.skipped_steps = restored.skipped_steps
+        self._token_mode = None  # read again from loss_fn's first output (the replay's)
+        self._last_sizes = restored.last_sizes
+        self.policy = restored.policy
+        self.share_schedule = restored.schedule
+        self._step = StepState(restored.step_size)
+        for flat in restored.pending:
             self._step.add(Chunk(flat, _replay_needs_loss_fn, call=-1))
         self._count_chunks(self._step.chunks)
         self._clear_grads()  # pending samples are replayed into zeros
@@ -399,43 +398,15 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         self._state_complete = False
         self._bucket_complete = False
 
-    def _parse_own_state(self, own: dict[str, Any]) -> tuple[Any, ...]:
-        """Everything of the ``"autoaccum"`` entry, validated into new objects (nothing set)."""
-        try:
-            version = own.get("version", 1)
-            if own["target_batch_size"] != self.target_batch_size:
-                raise ValueError(
-                    f"checkpoint was made with target_batch_size={own['target_batch_size']}, "
-                    f"this optimizer has {self.target_batch_size}; resuming would change every "
-                    "step"
-                )
-            policy = MicroBatchPolicy(
-                self.policy.cap, pinned=self.policy.pinned, planning=self.memory is not None,
-                margin=self.policy.margin, final_margin=self.policy.final_margin,
-                grow_after=self.policy.grow_after, replan_tolerance=self.policy.replan_tolerance,
-                single_pass_saving=self.policy.single_pass_saving,
-                param_bytes=self.policy.param_bytes,
-            )
-            policy.load_state_dict(own["policy"])
-            world = self._dist.world_size if self._dist is not None else 1
-            schedule = ShareSchedule(equal_shares(self.target_batch_size, world))
-            schedule.load_state_dict(own["shares"])
-            if version < 2:
-                pending = [flatten_batch(b) for b in own["pending"]]
-                step_size = schedule.shares_for(own["optimizer_steps"])[self._rank]
-            else:
-                pending = [restore_batch(p) for p in own["pending"]]
-                step_size = int(own["step_size"])
-            last_sizes = tuple(own["last_sizes"]) if own["last_sizes"] else None
-            for key in ("optimizer_steps", "oom_events", "skipped_steps"):
-                check_non_negative_int(key, own[key])
-        except (KeyError, TypeError, IndexError) as exc:
-            raise ValueError(f"the checkpoint's 'autoaccum' entry is malformed ({exc!r}); "
-                             "expected the output of AutoAccumOptimizer.state_dict()") from exc
-        if sum(f.size for f in pending) > step_size:
-            raise ValueError(f"the checkpoint holds {sum(f.size for f in pending)} pending "
-                             f"samples for a step of {step_size}")
-        return policy, schedule, pending, step_size, last_sizes
+    def _new_policy(self) -> MicroBatchPolicy:
+        """A policy with this optimizer's settings and no history (a checkpoint's goes in)."""
+        p = self.policy
+        return MicroBatchPolicy(
+            p.cap, pinned=p.pinned, planning=self.memory is not None, margin=p.margin,
+            final_margin=p.final_margin, grow_after=p.grow_after,
+            replan_tolerance=p.replan_tolerance, single_pass_saving=p.single_pass_saving,
+            param_bytes=p.param_bytes,
+        )
 
     def _resident(self) -> Iterator[torch.Tensor]:
         for p in self._params:
@@ -460,7 +431,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         if step.chunks:
             self._check_grads_untouched()
             if step.needs_replay:
-                self._replay(loss_fn)
+                self._replay(loss_fn, live=flat)
         offset = 0
         n = flat.size
         counting = self.count_items is not None
@@ -578,9 +549,23 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             for c in chunks:
                 c.counted = self._count(c.flat)
 
-    def _replay(self, loss_fn: LossFn | None) -> None:
-        """Recompute the gradients of pending samples that are not in ``.grad``."""
+    def _replay(self, loss_fn: LossFn | None, live: FlatBatch | None = None) -> None:
+        """Recompute the gradients of pending samples that are not in ``.grad``. Samples restored
+        by ``load_state_dict`` take the container types of ``live`` (this call's batch) where
+        they have its structure; otherwise they run as the stand-ins the checkpoint allows."""
         for chunk in self._step.chunks:
+            if chunk.flat.restored is not None and not (
+                live is not None and checkpoint.adopt(chunk.flat, live)
+            ):
+                self._warn_once(
+                    "restored-types",
+                    "samples restored from a checkpoint are replayed with stand-in containers "
+                    "(a dict for a Mapping type, a namedtuple 'RestoredBatch' of the same fields "
+                    "for a namedtuple type): a checkpoint names no code, and no batch of the same "
+                    "structure was given to take the types from. Call step(loss_fn, batch) with "
+                    "the next batch before flush() to replay them with its types.",
+                )
+                chunk.flat.restored = None
             if chunk.loss_fn is _replay_needs_loss_fn:
                 if loss_fn is None:
                     raise RuntimeError("pending samples restored by load_state_dict must be "

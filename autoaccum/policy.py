@@ -18,6 +18,7 @@ size that ran and marks the failed size, which is not tried again until free mem
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -364,25 +365,82 @@ class MicroBatchPolicy:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output, validated first: a ``TypeError``/``ValueError``
+        names the field and changes nothing."""
+        if not isinstance(state, dict):
+            raise TypeError(f"the policy state is a {type(state).__name__}; expected a dict")
         known = {f.name for f in fields(_State)}
-        if state.get("version", 1) < 2:  # 0.1 checkpoints: keep the size and the model
-            unknown = set(state) - _V1_KEYS
+        if state.get("version", 1) == 1:  # 0.1 checkpoints: keep the size and the model
+            unknown = set(state) - _V1_KEYS - {"version"}
             if unknown:
-                raise ValueError(f"unknown micro-batch policy state {sorted(unknown)}")
+                raise ValueError(f"unknown micro-batch policy state {sorted(unknown, key=repr)}")
             state = {"limit": state.get("limit"), "model": state.get("model"),
                      "budget": state.get("planned_free"), "settled": True}
+        elif state.get("version") != 2:
+            raise ValueError(f"policy state version {state.get('version')!r}; expected 1 or 2")
         unknown = set(state) - known - {"version"}
-        if unknown:
-            raise ValueError(f"unknown micro-batch policy state {sorted(unknown)}")
+        if unknown or "limit" not in state:
+            raise ValueError(f"policy state has unknown fields {sorted(unknown, key=repr)} or no "
+                             f"'limit'; expected the fields {sorted(known)}")
+        model = state.get("model")
+        if model is not None:
+            model = _pair(model, "model", _number, _number)
         self._s = _State(
-            limit=state["limit"],
-            probes=[(int(b), int(p)) for b, p in state.get("probes", [])],
-            observed={int(b): float(p) for b, p in state.get("observed", [])},
-            model=tuple(state["model"]) if state.get("model") is not None else None,  # type: ignore[arg-type]
-            budget=state.get("budget"),
-            failed={int(b): float(at) for b, at in state.get("failed", [])},
-            trial=state.get("trial"),
-            clean_steps=int(state.get("clean_steps", 0)),
-            settled=bool(state.get("settled", False)),
-            trials=int(state.get("trials", 0)),
+            limit=_size(state["limit"], "limit", none=True),
+            probes=[_pair(x, "probes", _size, _peak) for x in _list(state, "probes")],
+            observed=dict(_pair(x, "observed", _size, _number) for x in _list(state, "observed")),
+            model=model,
+            budget=_number(state.get("budget"), "budget", none=True),
+            failed=dict(_pair(x, "failed", _size, _number) for x in _list(state, "failed")),
+            trial=_size(state.get("trial"), "trial", none=True),
+            clean_steps=_count(state.get("clean_steps", 0), "clean_steps"),
+            settled=_flag(state.get("settled", False), "settled"),
+            trials=_count(state.get("trials", 0), "trials"),
         )
+
+
+def _list(state: dict[str, Any], name: str) -> list[Any]:
+    value = state.get(name, [])
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"policy field {name!r} is {value!r}; expected a list")
+    return list(value)
+
+
+def _pair(value: Any, name: str, first: Any, second: Any) -> Any:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise TypeError(f"policy field {name!r} holds {value!r}; expected pairs")
+    return first(value[0], name), second(value[1], name)
+
+
+def _size(value: Any, name: str, none: bool = False) -> Any:
+    if value is None and none:
+        return None
+    if type(value) is not int or not 1 <= value <= 2**62:
+        raise ValueError(f"policy field {name!r} holds {value!r}; expected a sample count >= 1")
+    return value
+
+
+def _count(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 <= value <= 2**62:
+        raise ValueError(f"policy field {name!r} holds {value!r}; expected an int >= 0")
+    return value
+
+
+def _peak(value: Any, name: str) -> int:
+    if type(value) is not int or abs(value) > 2**62:
+        raise ValueError(f"policy field {name!r} holds {value!r}; expected a byte count")
+    return value
+
+
+def _number(value: Any, name: str, none: bool = False) -> Any:
+    if value is None and none:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"policy field {name!r} holds {value!r}; expected a finite number")
+    return float(value)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"policy field {name!r} is {value!r}; expected True or False")
+    return value

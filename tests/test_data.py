@@ -217,7 +217,7 @@ def test_state_dict_round_trip_is_plain_python():
                                                         r"total 8"),
         ({"entries": [[0, [4, 2, 2]]], "last_read": -1}, "world size 3"),
         ({"entries": [[3, [4, 4]], [1, [2, 6]]], "last_read": -1}, "increasing steps"),
-        ({"entries": []}, "'entries' and 'last_read'"),
+        ({"entries": []}, r"'entries' \(a list\) and 'last_read'"),
         ({"entries": [], "last_read": -1}, "no entries"),
     ],
 )

@@ -72,6 +72,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'pip install "autoaccum[lightning]"'
     ) from exc
 
+from .. import checkpoint as checkpoint_entry
 from ..batching import flatten_batch
 from ..optimizer import AutoAccumOptimizer
 from ._context import InContext, plan_metrics
@@ -252,10 +253,10 @@ class AutoAccumCallback(Callback):
         states = checkpoint.get("optimizer_states")
         if saved is None or not states:
             return
-        ranks, index = saved["ranks"], saved["optimizer_index"]
+        index, ranks = checkpoint_entry.rank_entries(saved, len(states))
         world, rank = trainer.world_size, trainer.global_rank
         if len(ranks) != world:
-            pending = [r for r, e in enumerate(ranks) if e.get("pending")]
+            pending = [r for r, e in enumerate(ranks) if e and e.get("pending")]
             if pending:
                 raise ValueError(
                     f"the checkpoint was saved by {len(ranks)} ranks with samples of an "

@@ -69,6 +69,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'pip install "autoaccum[hf]"'
     ) from exc
 
+from .. import checkpoint
 from ..arguments import check_memory, check_positive_int
 from ..facade import InnerFacade
 from ..losses import causal_lm_loss, count_causal_lm_items
@@ -127,6 +128,10 @@ class _TrainerOptimizer(InnerFacade):
                     f"target_batch_size={self.target_batch_size}; resuming would change every "
                     f"step. Resume with AutoAccumTrainer(..., target_batch_size={saved})"
                 )
+            # Validated now, before the inner optimizer changes, and again when attached.
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            checkpoint.precheck_entry(own, target_batch_size=self.target_batch_size,
+                                      device=params[0].device if params else torch.device("cpu"))
         self.optimizer.load_state_dict(state_dict)
         self._stashed = own
 
