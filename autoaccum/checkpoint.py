@@ -45,7 +45,7 @@ from .policy import MicroBatchPolicy
 
 log = logging.getLogger("autoaccum")
 
-VERSION = 3  # 3: adds "pending_samples"; 2: structures as plain data; 1: raw batches (0.1)
+VERSION = 3  # 3: "pending_samples", "buffers"; 2: structures as plain data; 1: raw batches (0.1)
 _MAX_COUNT = 2**62  # larger counters than any run reaches: a corrupted file
 _MAX_DEPTH = 64  # nesting of a batch structure
 _MAX_NODES = 1_000_000  # containers and leaves in one batch structure
@@ -55,7 +55,7 @@ _KEY_TYPES = (str, int, float, bool, type(None), bytes)
 _COMMON = ("target_batch_size", "optimizer_steps", "oom_events", "skipped_steps", "token_mode",
            "last_sizes", "policy", "shares", "pending")
 _FIELDS = {1: {*_COMMON, "version"}, 2: {*_COMMON, "version", "step_size"},
-           3: {*_COMMON, "version", "step_size", "pending_samples"}}
+           3: {*_COMMON, "version", "step_size", "pending_samples", "buffers"}}
 
 
 @dataclass
@@ -70,11 +70,13 @@ class Restored:
     schedule: ShareSchedule
     step_size: int
     pending: list[FlatBatch]
+    buffers: tuple[list[int], list[torch.Tensor]] | None = None  # the step's start, to replay
 
 
 def entry(*, target_batch_size: int, optimizer_steps: int, oom_events: int, skipped_steps: int,
           token_mode: bool | None, last_sizes: Sequence[int] | None, policy: dict[str, Any],
-          shares: dict[str, Any], step_size: int, pending: Sequence[FlatBatch]) -> dict[str, Any]:
+          shares: dict[str, Any], step_size: int, pending: Sequence[FlatBatch],
+          buffers: dict[str, Any] | None) -> dict[str, Any]:
     """The ``"autoaccum"`` entry of a state dict, in plain Python types and tensors only."""
     return {
         "version": VERSION,
@@ -89,14 +91,17 @@ def entry(*, target_batch_size: int, optimizer_steps: int, oom_events: int, skip
         "step_size": step_size,
         "pending_samples": sum(f.size for f in pending),
         "pending": [f.to_checkpoint() for f in pending],
+        "buffers": buffers if pending else None,
     }
 
 
 def parse_entry(own: Any, *, target_batch_size: int, world: int, rank: int,
                 new_policy: Callable[[], MicroBatchPolicy],
-                devices: Sequence[torch.device]) -> Restored:
+                devices: Sequence[torch.device],
+                check_buffers: Callable[[Any], Any] = lambda state: None) -> Restored:
     """Validate the ``"autoaccum"`` entry ``own`` for an optimizer of ``target_batch_size`` on
-    rank ``rank`` of ``world``, whose restored samples may be on ``devices``.
+    rank ``rank`` of ``world``, whose restored samples may be on ``devices``; ``check_buffers``
+    validates the copy of the model's buffers at the unfinished step's start.
 
     Raises:
         TypeError / ValueError: naming the field, what was found and what was expected.
@@ -170,8 +175,9 @@ def parse_entry(own: Any, *, target_batch_size: int, world: int, rank: int,
     if held > step_size:
         raise ValueError(f"the checkpoint holds {held} pending samples for a step of "
                          f"{step_size}; expected at most {step_size}")
+    buffers = check_buffers(own["buffers"]) if version >= 3 and pending else None
     return Restored(counts["optimizer_steps"], counts["oom_events"], counts["skipped_steps"],
-                    last_sizes, policy, schedule, share, pending)
+                    last_sizes, policy, schedule, share, pending, buffers)
 
 
 def _int(name: str, value: Any, low: int, high: int = _MAX_COUNT) -> int:

@@ -29,7 +29,9 @@ from . import oom as oom_mod
 from . import outputs as out_mod
 from . import sharded
 from .batching import FlatBatch, to_device
+from .buffers import StepBuffers
 from .distributed import GradientSync
+from .grads import ZeroFills
 from .memory import MemoryBackend
 from .planner import balanced_split, first_split
 from .policy import MicroBatchPolicy, OutOfMemoryForOneSample
@@ -57,6 +59,7 @@ class MicroBatchRunner:
 
     # The optimizer's state these methods work on (set in AutoAccumOptimizer.__init__).
     policy: MicroBatchPolicy
+    optimizer: torch.optim.Optimizer
     memory: MemoryBackend | None
     grad_scaler: torch.amp.GradScaler | None
     count_items: Callable[[Any], Any] | None
@@ -66,6 +69,8 @@ class MicroBatchRunner:
     _step: StepState
     _weights: Weights
     _trainable: list[torch.Tensor]
+    _fills: ZeroFills
+    _buffers: StepBuffers
     _param_device: torch.device
     _sharded: bool
     _token_mode: bool | None
@@ -79,6 +84,7 @@ class MicroBatchRunner:
 
     if TYPE_CHECKING:  # the optimizer's methods these call
         def _clear_grads(self) -> None: ...
+        def _restart(self) -> None: ...
         def _reserve_bytes(self) -> int: ...
         def _check_call_items(self, chunk: Chunk) -> Any: ...
 
@@ -360,9 +366,8 @@ class MicroBatchRunner:
         """Allocate missing gradients as zeros (adding into a zero gradient gives exactly the
         gradient) before a probe, so that its peak counts the same resident bytes as every later
         micro-batch (FSDP: also the unsharded gradients it accumulates)."""
-        for p in self._trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        if not isinstance(self.optimizer, torch.optim.SparseAdam):  # it refuses dense grads
+            self._fills.fill(self._trainable)
         self._gsync.materialize_local_grads()
 
     def _recover(self, failure: Oom) -> None:
@@ -371,7 +376,7 @@ class MicroBatchRunner:
         if failure.peer:  # FSDP: a peer's OOM stopped this rank's micro-batch; no size change
             fallbacks = sync.fallbacks
             if sync.recover(in_backward=backward, peer_phases=failure.peer):
-                self._step.rewind(self._clear_grads)
+                self._step.rewind(self._restart)
             oom_mod.release(self.memory)
             if sync.fallbacks != fallbacks:
                 self._after_fallback()
@@ -379,10 +384,11 @@ class MicroBatchRunner:
             return
         self.oom_events += 1
         self._step_ooms += 1
-        if backward:
-            # .grad holds part of a micro-batch: start the step's accumulation over (before
-            # anything else can raise, so the invariant holds whatever happens next).
-            self._step.rewind(self._clear_grads)
+        if backward or self._buffers.active:
+            # .grad holds part of a micro-batch (or the forward updated buffers): start the
+            # step's accumulation over (before anything else can raise, so the invariant holds
+            # whatever happens next).
+            self._step.rewind(self._restart)
         oom_mod.release(self.memory)
         free = self.memory.free_bytes() if self.memory is not None else None
         free_txt = f"{free / 2**20:.0f} MiB" if free is not None else "unknown"
@@ -395,7 +401,7 @@ class MicroBatchRunner:
             # rank drops them and runs per micro-batch (the others hear of it at their next
             # exchange). The step starts over.
             sync.recover(in_backward=backward, message=failure.message, smallest=True)
-            self._step.rewind(self._clear_grads)
+            self._step.rewind(self._restart)
             self._after_fallback()
             return
         if self._sharded:  # FSDP: a legal state again (per_micro: the peers hear of it)
@@ -403,7 +409,7 @@ class MicroBatchRunner:
         log.warning(
             "out of memory in %s at micro-batch %d (%s free): %s; continuing at %d%s",
             failure.phase, failure.size, free_txt, failure.message, new,
-            ", replaying the step" if failure.phase == "backward" else "",
+            ", replaying the step" if backward or self._buffers.active else "",
         )
 
     def _one_sample_error(self, failure: Oom, free: int | None) -> torch.OutOfMemoryError:

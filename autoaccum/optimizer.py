@@ -37,8 +37,10 @@ from .arguments import (
     initial_shares,
 )
 from .batching import FlatBatch, flatten_batch
+from .buffers import StepBuffers
 from .data import ShareSchedule
 from .facade import InnerFacade
+from .grads import ZeroFills
 from .memory import MemoryBackend, default_backend
 from .micro import MicroBatchRunner
 from .planner import (
@@ -48,7 +50,7 @@ from .planner import (
     step_time,
 )
 from .policy import MicroBatchPolicy
-from .records import MicroBatchSizes, Plan, StepOutOfMemoryError, StepRecord
+from .records import History, MicroBatchSizes, Plan, StepOutOfMemoryError, StepRecord
 from .step import Chunk, LossFn, StepState
 from .weights import Weights
 
@@ -91,7 +93,12 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
     scheduler.step())`` advances a scheduler exactly once per optimizer step.
 
     ``fast_path`` (a class attribute, True) lets settled steps run through the fast path; tests
-    set it False to run every micro-batch through the full one.
+    set it False to run every micro-batch through the full one. ``history_size`` (a class
+    attribute, 10,000) bounds :attr:`history` to the records of the last steps.
+
+    ``model=`` also keeps module buffers exact through replays (see :mod:`autoaccum.buffers`):
+    BatchNorm running statistics are updated once per sample, after an OOM or a mid-step resume
+    too.
 
     ``count_items(batch_part) -> int`` (token mode, optional) counts the items (tokens) of a
     slice of a batch on the host. When a step's samples arrive in one call, the step's count is
@@ -101,6 +108,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
     """
 
     fast_path = True
+    history_size = 10_000  # steps opt.history keeps (about 250 bytes each)
 
     def __init__(
         self,
@@ -182,8 +190,10 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         self._rates: list[list[list[float]]] = []  # per step, per rank: [samples, seconds]
         self._agreed = False  # this rank entered the current step's agreement
         self._flushed_by_peer = False
-        self.history: list[StepRecord] = []
+        self.history: list[StepRecord] = History(self.history_size)
         self._step = StepState(initial[rank])
+        self._fills = ZeroFills()  # probes' zero gradients, None again if no sample wrote them
+        self._buffers = StepBuffers(model)  # module buffers, restored when a step starts over
         self._weights = Weights()  # the fast path's backward seeds and loss-averaging weights
         self._step_seconds = 0.0
         self._step_ooms = 0
@@ -338,6 +348,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             token_mode=self._token_mode, last_sizes=self._last_sizes,
             policy=self.policy.state_dict(), shares=self.share_schedule.state_dict(),
             step_size=self._step.size, pending=[c.flat for c in self._step.chunks],
+            buffers=self._buffers.state(),
         )
         return sd
 
@@ -360,6 +371,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
                 world=self._dist.world_size if self._dist is not None else 1, rank=self._rank,
                 new_policy=self._new_policy,
                 devices=(torch.device("cpu"), self._param_device),
+                check_buffers=self._buffers.check,
             )
         self._gsync.load_optimizer_state_dict(self.optimizer, state_dict)
         self._gsync.end_step()  # FSDP: the next call starts the step's collectives afresh
@@ -379,6 +391,8 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             self._step.add(Chunk(flat, _replay_needs_loss_fn, call=-1))
         self._count_chunks(self._step.chunks)
         self._clear_grads()  # pending samples are replayed into zeros
+        if restored.buffers is not None:  # ... from the model's buffers at the step's start
+            self._buffers.load(*restored.buffers)
         self._sentinel = None
         self._baseline = None  # resident bytes are measured again at the next step
 
@@ -389,6 +403,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             raise ValueError("the optimizer has no parameters")
         self._trainable = [p for p in self._params if p.requires_grad]
         self._param_device = self._params[0].device
+        self._fills = ZeroFills()
         self._param_bytes = sharded.local_bytes(self._params)  # this rank's shards
         self._grad_bytes = sharded.local_bytes(self._trainable)
         # The optimizer that allocates this rank's state and the parameters it keeps state for
@@ -517,8 +532,10 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         )
         step.drop_call(call)
         self._in_backward = False
-        if partial:
-            step.rewind(self._clear_grads)
+        if partial or self._buffers.active:  # a forward may have updated buffers too
+            step.rewind(self._restart)
+        elif not step.accumulated:
+            self._clear_grads()  # e.g. a failed probe's zero gradients: nothing to keep
         self._call_chunks = []
         self.outputs = []
         self._tell_peers(exc, in_backward)
@@ -535,6 +552,21 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
     def _clear_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self._gsync.clear_local_grads()
+        self._fills.clear()
+
+    def _restart(self) -> None:
+        """The step's accumulation starts over: no gradient, the buffers of its start."""
+        self._clear_grads()
+        self._buffers.restore()
+
+    def _refresh_trainable(self) -> None:
+        """The parameters that require gradients now (a backbone unfrozen mid-run joins at the
+        next step boundary)."""
+        trainable = [p for p in self._params if p.requires_grad]
+        if len(trainable) != len(self._trainable) or any(
+                a is not b for a, b in zip(trainable, self._trainable)):
+            self._trainable = trainable
+            self._grad_bytes = sharded.local_bytes(trainable)
 
     def _count(self, part: FlatBatch) -> int:
         assert self.count_items is not None
@@ -572,6 +604,8 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
                                        "replayed: pass the loss_fn to flush() or call step()")
                 chunk.loss_fn = loss_fn
             chunk.check_unchanged()
+        if self._buffers.restore_before_replay:
+            self._buffers.restore()
         self._begin_sync()
         self._drain()
 
@@ -593,7 +627,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             "samples to restore them. Drop backward/zero_grad/clip_grad_norm_ from the loop: use "
             "max_grad_norm= to clip once per step on the full gradient.",
         )
-        self._step.rewind(self._clear_grads)
+        self._step.rewind(self._restart)
 
     def _remember_grads(self) -> None:
         if self._trainable:
@@ -632,9 +666,11 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         self._agreed = False
         if self._last_step_end is None:
             self._last_step_end = time.perf_counter()
+        self._refresh_trainable()
         if self._fresh:
             self._fresh = False
             self._clear_grads()  # a step starts from zero gradients, whatever the user left
+        self._buffers.save()
         self._step_extra = self._gsync.extra_bytes()
         if self.memory is not None:  # measured before FSDP gathers anything for the step
             free = self.memory.free_bytes()
@@ -708,6 +744,9 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             self._begin_sync()  # a rank without samples in this step (a flush) joins it here
             if self._gsync.rounds:
                 self._run_rounds()
+        self._refresh_trainable()
+        if self._dist is None:  # (across ranks every rank reduces the same tensors)
+            self._fills.unfill()
         samples = step.count
         items = (sum(self._check_call_items(c) for c in step.chunks) if self._token_mode
                  else samples)
@@ -729,6 +768,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
                 raise ValueError(f"the step's num_items sum to {float(total)}; expected > 0 "
                                  "(every item of the step was masked out?)")
         finished = step.take()
+        self._buffers.end_step()  # the step's samples are consumed, and so are their updates
         if len(finished) == 1:
             if finished[0].call == self._calls:
                 self.last_call_consumed += finished[0].size

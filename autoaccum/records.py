@@ -84,3 +84,19 @@ class StepRecord(NamedTuple):
 
 class StepOutOfMemoryError(RuntimeError):
     """The inner optimizer's step ran out of memory (or cannot fit); see the message."""
+
+
+class History(list):  # type: ignore[type-arg]
+    """``opt.history``: the :class:`StepRecord` of the last steps, a list bounded to at least
+    ``maxlen`` and at most 10% more of the newest records (older ones are dropped in batches, so
+    a long run holds a bounded amount of host memory at no per-step cost). Whole-run totals are
+    the optimizer's counters (``optimizer_steps``, ``oom_events``, ``skipped_steps``)."""
+
+    def __init__(self, maxlen: int) -> None:
+        super().__init__()
+        self.maxlen = maxlen
+
+    def append(self, record: StepRecord) -> None:  # type: ignore[override]
+        super().append(record)
+        if len(self) > self.maxlen + self.maxlen // 10:
+            del self[: len(self) - self.maxlen]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .runner import Variation, compare, run_auto, run_plain
+from .runner import Variation, compare, reference, run_auto
 from .scenarios import BY_NAME
 
 
@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
         fields["fault"] = tuple(fields["fault"])
     fields["loader"] = tuple(fields["loader"])
     var = Variation(**fields)
-    diffs = compare(run_plain(name, var.target), run_auto(name, var), BY_NAME[name].rtol)
+    actual = run_auto(name, var)
+    diffs = compare(reference(name, var, actual), actual, BY_NAME[name].rtol)
     print(f"{name} {var}: " + ("conformant" if not diffs else f"{len(diffs)} differences"))
     for line in diffs:
         print("  " + line)

@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
 import autoaccum
+from autoaccum import planner
 
 from .scenarios import BY_NAME, Scenario, Setup, _first_tensor
 
@@ -46,6 +47,7 @@ class Variation:
     fault: tuple[str, int] | None = None  # ("forward" | "backward", k): OOM at the k-th pass
     resume_after: int | None = None  # checkpoint after this call, continue in fresh objects
     fast_path: bool = True
+    model: bool = True  # pass model= (buffers exact through replays; required if split-dependent)
 
     def command(self, scenario: Scenario) -> str:
         """The one command that reruns this variation and prints what differs."""
@@ -58,6 +60,7 @@ class Observed:
     state: dict[int, dict[str, Any]]
     buffers: list[torch.Tensor]
     grads: list[list[torch.Tensor | None]] = field(default_factory=list)  # per step
+    splits: list[tuple[int, ...]] = field(default_factory=list)  # micro-batch sizes per step
     lrs: list[list[float]] = field(default_factory=list)  # per step, per group
     loss_total: float | None = 0.0  # None: a call raised, its returned loss was never seen
     runs: int = 0  # micro-batches run by autoaccum (forward passes), for the record
@@ -76,67 +79,92 @@ def _size(batch: Any) -> int:
 
 
 class _Recorder:
-    """Step hooks on an inner optimizer: the gradient it steps on, then the scheduler and LR."""
+    """Step hooks on every inner optimizer of a setup: the gradient it steps on, then the
+    scheduler (the first optimizer's), the learning rates and ``on_step``."""
 
     def __init__(self, observed: Observed) -> None:
         self.observed = observed
-        self.setup: Setup | None = None
 
     def attach(self, setup: Setup) -> None:
-        self.setup = setup
-        setup.optimizer.register_step_pre_hook(self._pre)
-        setup.optimizer.register_step_post_hook(self._post)
+        for opt in setup.optimizers:
+            opt.register_step_pre_hook(functools.partial(self._pre, opt))
+            opt.register_step_post_hook(functools.partial(self._post, setup, opt))
 
-    def _params(self) -> list[torch.Tensor]:
-        assert self.setup is not None
-        return [p for g in self.setup.optimizer.param_groups for p in g["params"]]
-
-    def _pre(self, *_: Any) -> None:
+    def _pre(self, opt: torch.optim.Optimizer, *_: Any) -> None:
+        params = [p for g in opt.param_groups for p in g["params"]]
         # Outside any SimulatedDevice: the suite's own copies take none of the device's memory.
         with _disable_current_modes():
             self.observed.grads.append(
-                [None if p.grad is None else p.grad.detach().clone() for p in self._params()])
+                [None if p.grad is None else p.grad.detach().clone() for p in params])
 
-    def _post(self, *_: Any) -> None:
-        assert self.setup is not None
-        if self.setup.scheduler is not None:
-            self.setup.scheduler.step()
-        self.observed.lrs.append([g["lr"] for g in self.setup.optimizer.param_groups])
+    def _post(self, setup: Setup, opt: torch.optim.Optimizer, *_: Any) -> None:
+        if setup.scheduler is not None and opt is setup.optimizer:
+            setup.scheduler.step()
+        self.observed.lrs.append([g["lr"] for g in opt.param_groups])
+        if setup.on_step is not None:
+            setup.on_step(len(self.observed.lrs))
 
 
 def _finish(setup: Setup, observed: Observed) -> Observed:
     observed.params = [p.detach().clone() for p in setup.model.parameters()]
-    observed.state = setup.optimizer.state_dict()["state"]
+    observed.state = {f"{i}.{k}": v for i, opt in enumerate(setup.optimizers)
+                      for k, v in opt.state_dict()["state"].items()}
     observed.buffers = [b.detach().clone() for b in setup.model.buffers()]
     return observed
 
 
+def _steps(sc: Scenario, n: int) -> list[tuple[int, int]]:
+    return [(start, min(n, start + sc.target)) for start in range(0, n, sc.target)]
+
+
 @functools.cache
-def run_plain(name: str, target: int | None = None) -> Observed:
-    """The reference: one big batch per step, ``zero_grad(); backward(); clip; step()``."""
+def run_plain(name: str, target: int | None = None,
+              splits: tuple[tuple[int, ...], ...] | None = None) -> Observed:
+    """The reference: one big batch per step, ``zero_grad(); backward(); clip; step()`` on each
+    optimizer the body steps; with ``splits``, the plain accumulation loop cut into those
+    micro-batches (each one's loss weighted by its share of the step; token mode: divided by the
+    step's item count)."""
     sc = BY_NAME[name]
     if target is not None:
         sc = dataclasses.replace(sc, target=target)
     data = sc.data()
-    n = _size(data)
     setup = sc.build(0)
     observed = Observed([], {}, [])
     _Recorder(observed).attach(setup)
     total = 0.0
-    for start in range(0, n, sc.target):
-        batch = slice_batch(data, start, min(n, start + sc.target))
-        setup.optimizer.zero_grad(set_to_none=True)
-        out = setup.loss_fn(batch)
-        if sc.token:
-            loss_sum, items = out
-            (loss_sum / items).backward()
-            total += float(loss_sum.detach())
-        else:
-            out.backward()
-            total += float(out.detach()) * _size(batch)
+    k = 0
+
+    def step(i: int, loss_fn: Any, batch: Any) -> None:
+        nonlocal total
+        opt = setup.optimizers[i]
+        opt.zero_grad(set_to_none=True)
+        n = _size(batch)
+        sizes = splits[k] if splits is not None else (n,)
+        assert sum(sizes) == n
+        step_items: Any = None
+        if sc.token and len(sizes) > 1:
+            assert sc.count_items is not None
+            step_items = sc.count_items(batch)
+        at = 0
+        for size in sizes:
+            out = loss_fn(slice_batch(batch, at, at + size))
+            at += size
+            if sc.token:
+                loss_sum, items = out
+                (loss_sum / (items if step_items is None else step_items)).backward()
+                total += float(loss_sum.detach())
+            else:
+                (out * (size / n)).backward()
+                total += float(out.detach()) * size
         if sc.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(setup.model.parameters(), sc.max_grad_norm)
-        setup.optimizer.step()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, sc.max_grad_norm)
+        opt.step()
+
+    for k, (start, stop) in enumerate(_steps(sc, _size(data))):
+        if setup.between is not None:
+            setup.between(k, setup.optimizer)
+        sc.body(setup, slice_batch(data, start, stop), step)
     observed.loss_total = total
     return _finish(setup, observed)
 
@@ -144,37 +172,53 @@ def run_plain(name: str, target: int | None = None) -> Observed:
 @functools.cache
 def step_memory(name: str, target: int, micro: int | None = None) -> tuple[int, int, int]:
     """(resident bytes between steps, peak bytes while a step's micro-batches run (one
-    micro-batch, or ``micro`` samples each), peak bytes of its inner optimizer step) on a
+    micro-batch, or ``micro`` samples each), peak bytes of an inner optimizer step) on a
     simulated device with room for everything: the range a drawn capacity is placed in."""
     sc = dataclasses.replace(BY_NAME[name], target=target)
     setup = sc.build(0)
     device = autoaccum.SimulatedDevice(capacity_bytes=2**40)
-    opt = _wrap(sc, setup, micro, device)
-    inner = [0]
+    opts = [_wrap(sc, setup, inner, micro, device) for inner in setup.optimizers]
+    inner_peak = [0]
 
     def reset(*_: Any) -> None:
         device.reset_peak()
 
     def read(*_: Any) -> None:
-        inner[0] = max(inner[0], device.peak_bytes())
+        inner_peak[0] = max(inner_peak[0], device.peak_bytes())
 
-    setup.optimizer.register_step_pre_hook(reset)
-    setup.optimizer.register_step_post_hook(read)
+    for inner in setup.optimizers:
+        inner.register_step_pre_hook(reset)
+        inner.register_step_post_hook(read)
     data = sc.data()
     n = _size(data)
     for k in range(4):  # peaks move by a few hundred bytes from step to step (model internals)
         rows = torch.arange(k * target, (k + 1) * target) % n
-        opt.step(setup.loss_fn, take(data, rows))
-    records = opt.history[1:]  # after the first step: the optimizer state exists
+        sc.body(setup, take(data, rows), lambda i, fn, b: opts[i].step(fn, b))
+    records = [r for opt in opts for r in opt.history[1:]]  # the optimizer state exists
     assert all(r.micro_batch_size == (micro or target) for r in records)
-    return (device.allocated_bytes(), max(int(r.peak_bytes or 0) for r in records), inner[0])
+    return (device.allocated_bytes(), max(int(r.peak_bytes or 0) for r in records),
+            inner_peak[0])
 
 
-def _wrap(sc: Scenario, setup: Setup, micro: int | None,
-          memory: autoaccum.SimulatedDevice | None) -> autoaccum.AutoAccumOptimizer:
+def _inner_step_need(setup: Setup) -> int:
+    """What autoaccum checks fits before training (parameters, gradients, the optimizer state,
+    the inner step's temporaries): below it, it refuses to start, as documented."""
+    need = 0
+    for opt in setup.optimizers:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        size = sum(p.numel() * p.element_size() for p in params)
+        state = planner.state_buffers_per_param(opt) * size
+        need = max(need, size + state + planner.step_temporaries(opt, params))  # grads too
+    return need + sum(p.numel() * p.element_size() for p in setup.model.parameters())
+
+
+def _wrap(sc: Scenario, setup: Setup, inner: torch.optim.Optimizer, micro: int | None,
+          memory: autoaccum.SimulatedDevice | None, model: bool = True
+          ) -> autoaccum.AutoAccumOptimizer:
     return autoaccum.AutoAccumOptimizer(
-        setup.optimizer, target_batch_size=sc.target, micro_batch_size=micro, memory=memory,
-        max_grad_norm=sc.max_grad_norm, count_items=sc.count_items, **sc.options)
+        inner, target_batch_size=sc.target, micro_batch_size=micro, memory=memory,
+        max_grad_norm=sc.max_grad_norm, count_items=sc.count_items,
+        model=setup.model if model else None, **sc.options)
 
 
 class _AutoRun:
@@ -185,6 +229,7 @@ class _AutoRun:
         self.observed = Observed([], {}, [])
         self.recorder = _Recorder(self.observed)
         self.passes = {"forward": 0, "backward": 0}
+        self.inside = False  # faults fire only inside autoaccum's calls
         self._build(0)
 
     def _build(self, seed: int) -> None:
@@ -194,6 +239,7 @@ class _AutoRun:
         if var.micro is None:
             resident, peak, inner = step_memory(sc.name, sc.target)
             one_sample = step_memory(sc.name, 2, 1)[1]  # with the step's gradient resident
+            inner = max(inner, _inner_step_need(self.setup))
             # A real device has slack beyond one step's peak (allocator blocks, workspaces); 2 KiB
             # here covers what a call keeps (losses, weights) on these tiny models. One
             # sample always fits, and so does the inner optimizer step: an OOM there is issue
@@ -201,13 +247,21 @@ class _AutoRun:
             capacity = max(resident + int(var.capacity * (peak - resident)),
                            one_sample, inner) + _SLACK
             memory = autoaccum.SimulatedDevice(capacity_bytes=capacity)
-        self.opt = _wrap(sc, self.setup, var.micro, memory)
-        self.opt.fast_path = var.fast_path
+        self.opts = [_wrap(sc, self.setup, inner, var.micro, memory,
+                           model=var.model or sc.split_dependent)
+                     for inner in self.setup.optimizers]
+        for opt in self.opts:
+            opt.fast_path = var.fast_path
         self.recorder.attach(self.setup)
-        first = next(p for p in self.setup.model.parameters() if p.requires_grad)
-        first.register_hook(self._backward)
+        first = self.opts[0]  # the sizes each step ended with (private: read, never written)
+        self.setup.optimizer.register_step_pre_hook(
+            lambda *_: self.observed.splits.append(tuple(first._last_sizes or ())))
+        param = next(p for p in self.setup.model.parameters() if p.requires_grad)
+        param.register_hook(self._backward)
 
     def _fire(self, where: str) -> None:
+        if not self.inside:
+            return
         self.passes[where] += 1
         if self.var.fault == (where, self.passes[where]):
             raise torch.OutOfMemoryError(OOM)
@@ -216,15 +270,17 @@ class _AutoRun:
         self._fire("backward")
         return grad
 
-    def loss_fn(self, batch: Any) -> Any:
-        self._fire("forward")
-        return self.setup.loss_fn(batch)
+    def step(self, i: int, loss_fn: Any, batch: Any) -> None:
+        """``opts[i].step`` with the documented retry rule."""
 
-    def feed(self, batch: Any) -> None:
-        """``opt.step`` with the documented retry rule."""
+        def faulty(b: Any) -> Any:
+            self._fire("forward")
+            return loss_fn(b)
+
         for _ in range(64):
+            self.inside = True
             try:
-                loss = self.opt.step(self.loss_fn, batch)
+                loss = self.opts[i].step(faulty, batch)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 consumed = exc.autoaccum_consumed  # type: ignore[attr-defined]
                 self.observed.loss_total = None
@@ -232,34 +288,51 @@ class _AutoRun:
                     return
                 batch = slice_batch(batch, consumed, _size(batch))
                 continue
+            finally:
+                self.inside = False
             if self.observed.loss_total is not None:
                 self.observed.loss_total += float(loss) * self.sc.items(batch)
             return
         raise AssertionError("a call never succeeded")
 
     def flush(self) -> None:
-        for _ in range(64):
-            try:
-                self.opt.flush(self.loss_fn)
-                return
-            except (torch.OutOfMemoryError, RuntimeError):
-                self.observed.loss_total = None
-        raise AssertionError("flush never succeeded")
+        for i, opt in enumerate(self.opts):
+            fn = self.setup.loss_fn if i == 0 else self.setup.losses[i - 1]
+            for _ in range(64):
+                self.inside = True
+                try:
+                    opt.flush(fn)
+                    break
+                except (torch.OutOfMemoryError, RuntimeError):
+                    self.observed.loss_total = None
+                finally:
+                    self.inside = False
+            else:
+                raise AssertionError("flush never succeeded")
+
+    def between(self) -> None:
+        if self.setup.between is not None:
+            self.setup.between(self.opts[0].optimizer_steps, self.opts[0])
 
     def resume(self) -> None:
         """A mid-run checkpoint, through torch.save and the default torch.load, into objects
         built with other initial weights."""
         buffer = io.BytesIO()
         sched = self.setup.scheduler
-        torch.save({"model": self.setup.model.state_dict(), "opt": self.opt.state_dict(),
+        torch.save({"model": self.setup.model.state_dict(),
+                    "opts": [opt.state_dict() for opt in self.opts],
                     "sched": sched.state_dict() if sched is not None else None}, buffer)
         buffer.seek(0)
         saved = torch.load(buffer)
         self._build(seed=1)
+        self.between()  # the param groups the checkpoint was made with
         self.setup.model.load_state_dict(saved["model"])
-        self.opt.load_state_dict(saved["opt"])
+        for opt, state in zip(self.opts, saved["opts"], strict=True):
+            opt.load_state_dict(state)
         if self.setup.scheduler is not None:
             self.setup.scheduler.load_state_dict(saved["sched"])
+        if self.setup.on_step is not None:
+            self.setup.on_step(len(self.observed.lrs))
 
 
 def run_auto(name: str, var: Variation) -> Observed:
@@ -269,17 +342,30 @@ def run_auto(name: str, var: Variation) -> Observed:
     data = sc.data()
     n = _size(data)
     run = _AutoRun(sc, var)
+    run.between()
     start = 0
     for call, size in enumerate(itertools.cycle(var.loader)):
         if start >= n:
             break
-        run.feed(slice_batch(data, start, min(n, start + size)))
+        sc.body(run.setup, slice_batch(data, start, min(n, start + size)), run.step)
         start += size
         if var.resume_after == call:
             run.resume()
+        run.between()
     run.flush()
+    if sc.split_dependent and run.opts[0].oom_events:
+        # The loss a call returned was computed at the sizes of its time; a later OOM may have
+        # replayed its samples at other sizes, and BatchNorm makes the loss depend on them.
+        run.observed.loss_total = None
     run.observed.runs = run.passes["forward"]
     return _finish(run.setup, run.observed)
+
+
+def reference(name: str, var: Variation, actual: Observed) -> Observed:
+    """The plain loop this run is compared with (cut as the run was, if split-dependent)."""
+    if BY_NAME[name].split_dependent:
+        return run_plain(name, var.target, tuple(actual.splits))
+    return run_plain(name, var.target)
 
 
 def compare(expected: Observed, actual: Observed, rtol: float = RTOL) -> list[str]:
@@ -294,7 +380,8 @@ def compare(expected: Observed, actual: Observed, rtol: float = RTOL) -> list[st
         if kind not in floors:
             floors[kind] = 1e-8 * max((t.abs().max().item() for t in tensors
                                        if isinstance(t, torch.Tensor) and t.numel()
-                                       and t.is_floating_point()), default=0.0)
+                                       and t.is_floating_point() and not t.is_sparse),
+                                      default=0.0)
         return floors[kind]
 
     def close(what: str, a: Any, e: Any, least: float = 0.0) -> None:
@@ -303,6 +390,12 @@ def compare(expected: Observed, actual: Observed, rtol: float = RTOL) -> list[st
                 out.append(f"{what}: {type(a).__name__} where the plain loop has "
                            f"{type(e).__name__}")
                 return
+            if a.is_sparse or e.is_sparse:  # sparse stays sparse, compared by value
+                if a.is_sparse != e.is_sparse:
+                    out.append(f"{what}: {'sparse' if a.is_sparse else 'dense'} where the plain "
+                               f"loop's is {'sparse' if e.is_sparse else 'dense'}")
+                    return
+                a, e = a.to_dense(), e.to_dense()
             if a.shape != e.shape:
                 out.append(f"{what}: shape {tuple(a.shape)} vs {tuple(e.shape)}")
                 return

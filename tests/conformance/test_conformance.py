@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from .runner import Variation, compare, run_auto, run_plain
+from .runner import Variation, compare, reference, run_auto
 from .scenarios import SCENARIOS, Scenario
 
 PROFILE = os.environ.get("AUTOACCUM_CONFORMANCE", "fast")
@@ -38,9 +38,9 @@ def variations(sc: Scenario) -> st.SearchStrategy[Variation]:
     def draw(draw: st.DrawFn) -> Variation:
         target = draw(targets)
         step = target or t
-        loader = draw(st.sampled_from([(1,), (7,), (step,), (step + 5,)])
-                      | st.lists(st.integers(1, 2 * step + 5), min_size=1, max_size=4)
-                      .map(tuple))
+        loader = (step,) if sc.aligned else draw(
+            st.sampled_from([(1,), (7,), (step,), (step + 5,)])
+            | st.lists(st.integers(1, 2 * step + 5), min_size=1, max_size=4).map(tuple))
         return Variation(
             loader=loader, target=target,
             micro=draw(st.none() | st.integers(1, step)),
@@ -49,6 +49,7 @@ def variations(sc: Scenario) -> st.SearchStrategy[Variation]:
                                              st.integers(1, 12))),
             resume_after=draw(st.none() | st.integers(0, 12)),
             fast_path=draw(st.booleans()),
+            model=draw(st.booleans()),
         )
 
     return draw()
@@ -58,16 +59,17 @@ def variations(sc: Scenario) -> st.SearchStrategy[Variation]:
 def test_autoaccum_trains_exactly_as_the_plain_loop(scenario: Scenario) -> None:
 
     # No shrinking: a failure already prints its variation and the command that reruns it.
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(max_examples=max(2, round(EXAMPLES * scenario.budget)), deadline=None,
+              derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck))
     @given(var=variations(scenario))
     def conforms(var: Variation) -> None:
+        tally = _tally.setdefault(scenario.name, [0, 0])
+        tally[0] += 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "replaying after an OOM" notes
             actual = run_auto(scenario.name, var)
-        diffs = compare(run_plain(scenario.name, var.target), actual, scenario.rtol)
-        tally = _tally.setdefault(scenario.name, [0, 0])
-        tally[0] += 1
+        diffs = compare(reference(scenario.name, var, actual), actual, scenario.rtol)
         tally[1] += not diffs
         assert not diffs, (f"{scenario.name} under {var}: {len(diffs)} differences from the "
                            f"plain loop:\n  " + "\n  ".join(diffs[:20])
