@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 from .facade import InnerFacade
@@ -58,6 +59,13 @@ def build_inner(
 ) -> Optimizer:
     if isinstance(optimizer, InnerFacade):
         raise TypeError("the optimizer is already an AutoAccumOptimizer; wrap the inner one once")
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    if isinstance(cls, type) and issubclass(cls, torch.optim.LBFGS):
+        raise TypeError(
+            "LBFGS re-evaluates a closure several times per step, which accumulated "
+            "micro-batches cannot provide; use it without AutoAccumOptimizer (full batches), or "
+            "an optimizer whose step reads .grad once (SGD, Adam, AdamW, ...)"
+        )
     if isinstance(optimizer, Optimizer):
         if args or kwargs:
             raise TypeError(

@@ -228,6 +228,8 @@ def flatten_batch(batch: Any) -> FlatBatch:
         leaf_shape = leaf.shape
         if not leaf_shape or leaf_shape[0] != size:
             _raise_shape_error(batch)
+        if leaf.grad_fn is not None:
+            _raise_graph_error(batch)
         if device is not None and leaf.device != device:
             device = None
     if size == 0:
@@ -244,6 +246,25 @@ def _paths(obj: Any, prefix: str) -> list[tuple[str, Any]]:
             return [p for f, x in zip(cls._fields, obj) for p in _paths(x, f"{prefix}.{f}")]
         return [p for i, x in enumerate(obj) for p in _paths(x, f"{prefix}[{i}]")]
     return [(prefix, obj)]
+
+
+def _raise_graph_error(batch: Any) -> None:
+    """A batch tensor that is the output of a graph: its micro-batches would share that graph
+    (a second backward through it fails) and the held samples would keep it alive."""
+    names = [name for name, leaf in _paths(batch, "batch")
+             if isinstance(leaf, torch.Tensor) and leaf.grad_fn is not None]
+    raise ValueError(
+        f"{', '.join(names)} carries an autograd graph (grad_fn "
+        f"{type(_first_graph(batch)).__name__}): its micro-batches would share it, and a second "
+        "backward through it fails. Pass it detached (.detach(), or compute it under "
+        "torch.no_grad(), e.g. a teacher's logits); inputs that require grad as leaves (a "
+        "gradient penalty's real images) are fine"
+    )
+
+
+def _first_graph(batch: Any) -> Any:
+    return next(leaf.grad_fn for _, leaf in _paths(batch, "batch")
+                if isinstance(leaf, torch.Tensor) and leaf.grad_fn is not None)
 
 
 def _raise_shape_error(batch: Any) -> None:

@@ -136,9 +136,7 @@ class MicroBatchRunner:
                         loss, items, aux = self._read_checked(out, form)
                         token = bool(self._token_mode)
                         den = chunk.den = self._denominator()
-                        if scaler is None:  # a balanced split has at most two sizes
-                            make = self._weights.seed
-                            seeds = {s: make(loss, s, den, token) for s in set(sizes)}
+                        make = self._weights.seed
                     elif form == out_mod.TENSOR:
                         loss = out
                     else:
@@ -147,8 +145,13 @@ class MicroBatchRunner:
                     # weights by the micro-batch's share of the step, as a hand-written loop does:
                     # through backward's seed (see weights.py), with a scaler through its scale.
                     phase = 1
-                    if scaler is None:
-                        loss.backward(seeds[size])
+                    if not loss.requires_grad:  # a token micro-batch without items
+                        loss = self._empty_micro(loss, items, token)
+                    elif scaler is None:  # seeds: a balanced split has at most two sizes
+                        seed = seeds.get(size)
+                        if seed is None:
+                            seed = seeds[size] = make(loss, size, den, token)
+                        loss.backward(seed)
                     else:
                         scaler.scale(weigh(loss, size, den, token)).backward()
                     phase = 0
@@ -326,19 +329,35 @@ class MicroBatchRunner:
                 output = self._read_checked(out, out_mod.form_of(out))
                 den = chunk.den = self._denominator()
                 weighted = weigh(output.loss, size, den, bool(self._token_mode))
-                scaled = weighted if self.grad_scaler is None else self.grad_scaler.scale(weighted)
-                self._in_backward = True
-                scaled.backward()
-                self._in_backward = False
+                if not weighted.requires_grad:  # a token micro-batch without items
+                    weighted = self._empty_micro(weighted, output.items, True)
+                else:
+                    scaled = (weighted if self.grad_scaler is None
+                              else self.grad_scaler.scale(weighted))
+                    self._in_backward = True
+                    scaled.backward()
+                    self._in_backward = False
         except BaseException as exc:
             return self._micro_failure(exc, size)
         chunk.record(weighted, output.items, size, output.aux)
         if probing:
             assert self.memory is not None
             peak = self.memory.peak_bytes() - baseline
-            del micro, out, output, scaled, weighted
+            del micro, out, output, weighted
             self.policy.record_probe(size, peak, self._probe_budget())
         return None
+
+    def _empty_micro(self, loss: torch.Tensor, items: Any, token: bool) -> torch.Tensor:
+        """A micro-batch whose loss has no graph. In token mode with zero items (every item of
+        the samples the split put together is masked: ``loss_fn`` may return a constant) it
+        contributes nothing and training goes on; otherwise it is ``loss_fn``'s mistake."""
+        if token and out_mod.no_items(items):
+            return loss.detach().to(self._param_device)
+        raise ValueError(
+            "loss_fn returned a loss that does not require grad: is the model's output used, and "
+            "is autograd enabled (no torch.no_grad())? (Only a token-mode micro-batch with "
+            "num_items == 0 may return a constant.)"
+        )
 
     def _set_mode(self, token: bool) -> None:
         if self._token_mode is None:

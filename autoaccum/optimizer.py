@@ -40,7 +40,7 @@ from .batching import FlatBatch, flatten_batch
 from .buffers import StepBuffers
 from .data import ShareSchedule
 from .facade import InnerFacade
-from .grads import ZeroFills
+from .grads import GradWatch, ZeroFills
 from .memory import MemoryBackend, default_backend
 from .micro import MicroBatchRunner
 from .planner import (
@@ -158,7 +158,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
 
         self.optimizer = inner
         self._zero_grad_profile_name = "Optimizer.zero_grad#AutoAccumOptimizer.zero_grad"
-        self.target_batch_size = target_batch_size
+        self._target_batch_size = target_batch_size
         self.model = model
         self.grad_scaler = grad_scaler
         self.max_grad_norm = max_grad_norm
@@ -210,11 +210,26 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         self._call_chunks: list[Chunk] = []
         self._in_backward = False
         self._fresh = True  # no step taken or started since construction / load
-        self._sentinel: tuple[torch.Tensor | None, int] | None = None
+        self._sentinel: tuple[torch.Tensor | None, int] | None = None  # FSDP's watch
+        self._watch = GradWatch()  # every parameter's .grad when the last call returned
         self._warned: set[str] = set()
         self._retries = 0
 
     # ---------------------------------------------------------------- public API
+    @property
+    def target_batch_size(self) -> int:
+        """Samples per optimizer step, across all ranks; fixed for the optimizer's life."""
+        return self._target_batch_size
+
+    @target_batch_size.setter
+    def target_batch_size(self, value: Any) -> None:
+        raise AttributeError(
+            f"target_batch_size is fixed at {self._target_batch_size} for this optimizer's life "
+            f"(its steps, plan, shares and checkpoints are built on it), got {value!r}. To "
+            "train on with another batch size, flush(), then build a new AutoAccumOptimizer over "
+            "the same inner optimizer with the new target_batch_size"
+        )
+
     @property
     def plan(self) -> Plan:
         limit = self.policy.limit
@@ -341,6 +356,8 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         batch structure as plain data that names no code (:mod:`autoaccum.checkpoint`).
         Loadable with ``torch.load``'s default ``weights_only=True`` when the batches' non-tensor
         leaves are plain Python values, whatever the batches' container types."""
+        for chunk in self._step.chunks:  # a loader that refilled them: they are not the step's
+            chunk.check_unchanged()
         sd = self._gsync.optimizer_state_dict(self.optimizer)
         sd["autoaccum"] = checkpoint.entry(
             target_batch_size=self.target_batch_size, optimizer_steps=self.optimizer_steps,
@@ -394,6 +411,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         if restored.buffers is not None:  # ... from the model's buffers at the step's start
             self._buffers.load(*restored.buffers)
         self._sentinel = None
+        self._remember_grads()  # gradients copied in before the next call are not the step's
         self._baseline = None  # resident bytes are measured again at the next step
 
     # ---------------------------------------------------------------- internals: setup
@@ -443,10 +461,9 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
     # ---------------------------------------------------------------- internals: a call
     def _accumulate(self, loss_fn: LossFn, flat: FlatBatch, call: int) -> torch.Tensor:
         step = self._step
-        if step.chunks:
-            self._check_grads_untouched()
-            if step.needs_replay:
-                self._replay(loss_fn, live=flat)
+        self._check_grads_untouched()
+        if step.chunks and step.needs_replay:
+            self._replay(loss_fn, live=flat)
         offset = 0
         n = flat.size
         counting = self.count_items is not None
@@ -512,12 +529,14 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
                         losses.append(mean * (sum(sizes) / c.den))
                 part = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
                 if len(chunks) == 1:
-                    if isinstance(n, int):
-                        return part if n == c.den else part * (c.den / n)
+                    if isinstance(n, (int, float)):  # no items: the mean over none is NaN
+                        return part if n == c.den else part * (c.den / n if n else math.nan)
                     return part * c.den / n
                 total = total + part * c.den
                 count = count + n
-            return total / count if ran else torch.full((), math.nan, device=self._param_device)
+            if not ran or (isinstance(count, (int, float)) and not count):
+                return torch.full((), math.nan, device=self._param_device)
+            return total / count
         finally:
             torch._C._set_grad_enabled(grad_mode)
 
@@ -553,6 +572,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         self.optimizer.zero_grad(set_to_none=True)
         self._gsync.clear_local_grads()
         self._fills.clear()
+        self._watch.forget()  # its references would keep the dropped gradients alive
 
     def _restart(self) -> None:
         """The step's accumulation starts over: no gradient, the buffers of its start."""
@@ -610,27 +630,46 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         self._drain()
 
     def _check_grads_untouched(self) -> None:
-        """Gradients of accumulated samples changed between calls (``model.zero_grad()``,
-        ``clip_grad_norm_`` in the loop, ...): warn once and replay them, so nothing is lost."""
-        if self._sentinel is None:
-            return
-        grad, version = self._sentinel
-        now = self._accumulator_grad()
-        if now is grad and (now is None or now._version == version):
-            return
-        if not self._step.accumulated:
+        """Gradients changed since the last call returned. None of it is a gradient of this
+        step's samples: with samples accumulated (``model.zero_grad()``, ``clip_grad_norm_`` in
+        the loop), warn once and replay them; otherwise (another optimizer's or an attack's
+        backward, a copy into ``.grad``) warn once and discard it, as ``zero_grad()`` would."""
+        if self._sharded:  # FSDP accumulates into unsharded holders: watch the first one
+            if self._sentinel is None or not self._step.accumulated:
+                return
+            grad, version = self._sentinel
+            now = self._accumulator_grad()
+            if now is grad and (now is None or now._version == version):
+                return
+            changed = 1
+        else:
+            changed = self._watch.changed(self._params)
+            if not changed:
+                return
+        if self._step.accumulated:
+            self._warn_once(
+                "grads-touched",
+                "the gradients of the unfinished step were changed between step() calls "
+                "(zero_grad, clip_grad_norm_, another backward or in-place change); "
+                "AutoAccumOptimizer replays the step's samples to restore them. Drop backward/"
+                "zero_grad/clip_grad_norm_ from the loop: use max_grad_norm= to clip once per "
+                "step on the full gradient.",
+            )
+            self._step.rewind(self._restart)
             return
         self._warn_once(
-            "grads-touched",
-            "the gradients of the unfinished step were changed between step() calls (zero_grad, "
-            "clip_grad_norm_ or another in-place change); AutoAccumOptimizer replays the step's "
-            "samples to restore them. Drop backward/zero_grad/clip_grad_norm_ from the loop: use "
-            "max_grad_norm= to clip once per step on the full gradient.",
+            "grads-foreign",
+            f"{changed} parameter(s) of this optimizer had gradients written outside opt.step "
+            "(another optimizer's backward, as in a GAN; an adversarial attack's backward; "
+            "gradients copied into .grad); AutoAccumOptimizer discards them, as zero_grad() "
+            "would: an optimizer step applies only the gradients of its own samples.",
         )
-        self._step.rewind(self._restart)
+        self._clear_grads()
 
     def _remember_grads(self) -> None:
-        if self._trainable:
+        if not self._sharded:
+            self._watch.mark(self._params)
+        elif self._trainable:
             g = self._accumulator_grad()
             self._sentinel = (g, g._version if g is not None else 0)
 
@@ -807,11 +846,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             try:
                 grads = [] if exact else [p.grad for p in self._trainable if p.grad is not None]
                 if grads:
-                    if isinstance(total, torch.Tensor):
-                        factor = (denominator / total.to(torch.float64)).to(grads[0].dtype)
-                        torch._foreach_mul_(grads, factor.to(grads[0].device))
-                    else:
-                        torch._foreach_mul_(grads, denominator / total)
+                    _rescale(grads, denominator, total)
                 self._inner_step()
             except BaseException as exc:
                 error = exc
@@ -941,6 +976,21 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             self.share_schedule.set_from(start, new)
             log.info("shares %s -> %s from step %d (throughput %s samples/s)", list(current), new,
                      start, [round(r, 1) for r in rates])
+
+
+def _rescale(grads: list[torch.Tensor], denominator: int, total: Any) -> None:
+    """Multiply every gradient by ``denominator / total`` in its own dtype: the factor is a
+    float64 host scalar, or for a tensor count a float64 tensor cast per dtype and device (one
+    cast for the first gradient's dtype would round a float64 gradient to float32's factor)."""
+    if not isinstance(total, torch.Tensor):
+        torch._foreach_mul_(grads, denominator / total)
+        return
+    factor = denominator / total.to(torch.float64)
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.dtype, g.device), []).append(g)
+    for (dtype, device), group in groups.items():
+        torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))
 
 
 def _dot(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:

@@ -84,13 +84,20 @@ def check(output: Output, token: bool) -> None:
             f"loss_fn returned a {what} of shape {tuple(loss.shape)}; expected a scalar (reduce "
             "with .mean(), or return (loss.sum(), num_items) for token-level losses)"
         )
-    if not loss.requires_grad:
-        raise ValueError(
-            f"loss_fn returned a {what} that does not require grad: is the model's output used, "
-            "and is autograd enabled (no torch.no_grad())?"
-        )
     if token:
         check_items(output.items)
+    if not loss.requires_grad and not (token and no_items(output.items)):
+        raise ValueError(
+            f"loss_fn returned a {what} that does not require grad: is the model's output used, "
+            "and is autograd enabled (no torch.no_grad())? (Only a token-mode micro-batch with "
+            "num_items == 0 may return a constant.)"
+        )
+
+
+def no_items(items: Any) -> bool:
+    """Whether a micro-batch's ``num_items`` is zero (a host sync for a tensor count: asked only
+    of a loss without a graph)."""
+    return bool(items == 0)
 
 
 def check_items(items: Any) -> None:

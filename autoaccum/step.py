@@ -72,9 +72,11 @@ class Chunk:
         one buffer): a replay would then compute the gradient of other samples."""
         if self.flat.versions() != self.versions:
             raise RuntimeError(
-                "samples of the unfinished step were modified in place after step() returned "
-                "(the data loader reuses its buffers?); autoaccum keeps them to replay the step "
-                "after an OOM. Give each batch its own tensors (e.g. batch.clone())."
+                "samples of the unfinished step were modified in place after they were given (a "
+                "data loader that reuses its buffers, or a loss_fn that writes into its "
+                "micro-batch); autoaccum keeps them to replay the step after an OOM and to "
+                "checkpoint it. Give each batch its own tensors (e.g. batch.clone()) and keep "
+                "loss_fn from editing its micro-batch in place (x = x - x.mean(), not x.sub_())."
             )
 
 

@@ -191,9 +191,15 @@ def step_memory(name: str, target: int, micro: int | None = None) -> tuple[int, 
         inner.register_step_post_hook(read)
     data = sc.data()
     n = _size(data)
-    for k in range(4):  # peaks move by a few hundred bytes from step to step (model internals)
-        rows = torch.arange(k * target, (k + 1) * target) % n
-        sc.body(setup, take(data, rows), lambda i, fn, b: opts[i].step(fn, b))
+    steps = 0
+    for k in range(4 * n):  # peaks move by a few hundred bytes from step to step (model internals)
+        batch = take(data, torch.arange(k * target, (k + 1) * target) % n)
+        if sc.token and not sc.items(batch):
+            continue  # a step needs items
+        sc.body(setup, batch, lambda i, fn, b: opts[i].step(fn, b))
+        steps += 1
+        if steps == 4:
+            break
     records = [r for opt in opts for r in opt.history[1:]]  # the optimizer state exists
     assert all(r.micro_batch_size == (micro or target) for r in records)
     return (device.allocated_bytes(), max(int(r.peak_bytes or 0) for r in records),
@@ -290,8 +296,9 @@ class _AutoRun:
                 continue
             finally:
                 self.inside = False
-            if self.observed.loss_total is not None:
-                self.observed.loss_total += float(loss) * self.sc.items(batch)
+            items = self.sc.items(batch)
+            if self.observed.loss_total is not None and items:  # no items: the mean is NaN
+                self.observed.loss_total += float(loss) * items
             return
         raise AssertionError("a call never succeeded")
 
@@ -310,9 +317,10 @@ class _AutoRun:
             else:
                 raise AssertionError("flush never succeeded")
 
-    def between(self) -> None:
+    def between(self, done: int | None = None) -> None:
         if self.setup.between is not None:
-            self.setup.between(self.opts[0].optimizer_steps, self.opts[0])
+            self.setup.between(self.opts[0].optimizer_steps if done is None else done,
+                               self.opts[0])
 
     def resume(self) -> None:
         """A mid-run checkpoint, through torch.save and the default torch.load, into objects
@@ -324,8 +332,9 @@ class _AutoRun:
                     "sched": sched.state_dict() if sched is not None else None}, buffer)
         buffer.seek(0)
         saved = torch.load(buffer)
+        done = self.opts[0].optimizer_steps
         self._build(seed=1)
-        self.between()  # the param groups the checkpoint was made with
+        self.between(done)  # the param groups the checkpoint was made with
         self.setup.model.load_state_dict(saved["model"])
         for opt, state in zip(self.opts, saved["opts"], strict=True):
             opt.load_state_dict(state)

@@ -78,9 +78,11 @@ class Scenario:
     # The loop body, given a batch and ``step(i, loss_fn, batch)`` (the plain loop's
     # zero_grad/backward/clip/step on optimizer i, or autoaccum's ``opts[i].step``).
     body: Callable[[Setup, Any, Step], None] = default_body
-    # Calls never straddle a step (the body computes from the parameters: a GAN, an attack):
-    # variations draw call sizes equal to the target.
+    # Calls never straddle a step (the body computes from the parameters, e.g. an attack):
+    # variations draw call sizes that divide the target; ``whole_steps``: one call per step
+    # (a GAN, whose generator loss must see the discriminator after its whole step).
     aligned: bool = False
+    whole_steps: bool = False
     # The bar: 1e-10 relative in float64. A model that computes parts in float32 whatever its
     # dtype rounds differently for one big batch and for its micro-batches (float64 matmuls
     # of other shapes differ in the last bit, and a float32 cast can flip on that bit), so its
@@ -117,6 +119,27 @@ def _mlp(opt: Callable[[Any], torch.optim.Optimizer], token: bool = False,
 
 def _mlp_items(batch: Any) -> int:
     return int(batch["t"].mask.sum())
+
+
+def _masked_data() -> dict[str, Any]:
+    """Runs of three samples whose every item is masked: the split can make a micro-batch
+    without items (each step of 8 still has some)."""
+    data = helpers.make_data(40)
+    for start in (5, 17, 30):
+        data["t"].mask[start:start + 3] = False
+    return data
+
+
+def _masked(seed: int) -> Setup:
+    model = helpers.make_model(seed)
+    inner = helpers.token_loss_fn(model)
+
+    def loss_fn(b: Any) -> Any:
+        if not b["t"].mask.any():  # the natural early return: nothing to count
+            return torch.zeros((), dtype=torch.float64), 0
+        return inner(b)
+
+    return Setup(model, _adamw(model.parameters()), loss_fn)
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -383,12 +406,20 @@ SCENARIOS: list[Scenario] = [
              target=8, token=True, count_items=_mlp_items),
     Scenario("mlp-adamw-clip-onecycle", _mlp(_adamw, schedule=_one_cycle),
              lambda: helpers.make_data(40), target=6, max_grad_norm=0.05, vary_target=False),
+    Scenario("token-all-masked-micro-batches", _masked, _masked_data, target=8, token=True,
+             count_items=_mlp_items, vary_target=False),
     Scenario("unused-head-adamw-wd", _unused_head, lambda: helpers.make_data(40), target=8),
     Scenario("moe-unrouted-experts-adamw", _moe, lambda: helpers.make_data(48, seed=2),
              target=6),
     Scenario("unfreeze-backbone-clip", _unfreeze, lambda: helpers.make_data(40), target=8,
              max_grad_norm=0.05),
     Scenario("sparse-embedding-sparseadam", _sparse, _ids_data, target=8),
+    Scenario("gan-two-optimizers", _gan, _gan_data, target=8, body=_gan_body, aligned=True,
+             whole_steps=True, vary_target=False),
+    Scenario("fgsm-adversarial", _fgsm, lambda: helpers.make_data(40), target=8,
+             body=_fgsm_body, aligned=True, vary_target=False),
+    Scenario("probe-then-finetune", _probe_then_finetune, lambda: helpers.make_data(48),
+             target=8, aligned=True, vary_target=False),
     Scenario("resnet18-batchnorm", _resnet, _image_data, target=8, split_dependent=True,
              budget=0.3),
     Scenario("gpt2-tied-padded-token", _causal_lm("GPT2Config", **_GPT2), _lm_data, target=8,

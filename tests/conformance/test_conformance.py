@@ -38,9 +38,14 @@ def variations(sc: Scenario) -> st.SearchStrategy[Variation]:
     def draw(draw: st.DrawFn) -> Variation:
         target = draw(targets)
         step = target or t
-        loader = (step,) if sc.aligned else draw(
-            st.sampled_from([(1,), (7,), (step,), (step + 5,)])
-            | st.lists(st.integers(1, 2 * step + 5), min_size=1, max_size=4).map(tuple))
+        if sc.whole_steps:
+            loader: tuple[int, ...] = (step,)
+        elif sc.aligned:
+            loader = (draw(st.sampled_from([d for d in range(1, step + 1) if step % d == 0])),)
+        else:
+            loader = draw(st.sampled_from([(1,), (7,), (step,), (step + 5,)])
+                          | st.lists(st.integers(1, 2 * step + 5), min_size=1, max_size=4)
+                          .map(tuple))
         return Variation(
             loader=loader, target=target,
             micro=draw(st.none() | st.integers(1, step)),
