@@ -145,21 +145,29 @@ def run_plain(name: str, target: int | None = None,
         if sc.token and len(sizes) > 1:
             assert sc.count_items is not None
             step_items = sc.count_items(batch)
+        scaler = setup.scaler if i == 0 else None
         at = 0
         for size in sizes:
             out = loss_fn(slice_batch(batch, at, at + size))
             at += size
             if sc.token:
                 loss_sum, items = out
-                (loss_sum / (items if step_items is None else step_items)).backward()
+                loss = loss_sum / (items if step_items is None else step_items)
                 total += float(loss_sum.detach())
             else:
-                (out * (size / n)).backward()
+                loss = out * (size / n)
                 total += float(out.detach()) * size
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.unscale_(opt)
         if sc.max_grad_norm is not None:
             params = [p for g in opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, sc.max_grad_norm)
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
 
     for k, (start, stop) in enumerate(_steps(sc, _size(data))):
         if setup.between is not None:
@@ -224,7 +232,8 @@ def _wrap(sc: Scenario, setup: Setup, inner: torch.optim.Optimizer, micro: int |
     return autoaccum.AutoAccumOptimizer(
         inner, target_batch_size=sc.target, micro_batch_size=micro, memory=memory,
         max_grad_norm=sc.max_grad_norm, count_items=sc.count_items,
-        model=setup.model if model else None, **sc.options)
+        model=setup.model if model else None,
+        grad_scaler=setup.scaler if inner is setup.optimizer else None, **sc.options)
 
 
 class _AutoRun:
@@ -327,9 +336,11 @@ class _AutoRun:
         built with other initial weights."""
         buffer = io.BytesIO()
         sched = self.setup.scheduler
+        scaler = self.setup.scaler
         torch.save({"model": self.setup.model.state_dict(),
                     "opts": [opt.state_dict() for opt in self.opts],
-                    "sched": sched.state_dict() if sched is not None else None}, buffer)
+                    "sched": sched.state_dict() if sched is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None}, buffer)
         buffer.seek(0)
         saved = torch.load(buffer)
         done = self.opts[0].optimizer_steps
@@ -340,6 +351,8 @@ class _AutoRun:
             opt.load_state_dict(state)
         if self.setup.scheduler is not None:
             self.setup.scheduler.load_state_dict(saved["sched"])
+        if self.setup.scaler is not None:
+            self.setup.scaler.load_state_dict(saved["scaler"])
         if self.setup.on_step is not None:
             self.setup.on_step(len(self.observed.lrs))
 

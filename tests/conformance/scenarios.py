@@ -41,6 +41,7 @@ class Setup:
     # and the optimizer the loop holds (the plain one, or autoaccum's), before a resume's load:
     # e.g. ``opt.add_param_group``.
     between: Callable[[int, Any], None] | None = None
+    scaler: torch.amp.GradScaler | None = None  # the first optimizer's GradScaler
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -140,6 +141,13 @@ def _masked(seed: int) -> Setup:
         return inner(b)
 
     return Setup(model, _adamw(model.parameters()), loss_fn)
+
+
+def _scaled(seed: int) -> Setup:
+    """A GradScaler (growth every 2 steps, so the scale moves during the run) and clipping."""
+    model = helpers.make_model(seed)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    return Setup(model, _adamw(model.parameters()), helpers.mean_loss_fn(model), scaler=scaler)
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -406,6 +414,8 @@ SCENARIOS: list[Scenario] = [
              target=8, token=True, count_items=_mlp_items),
     Scenario("mlp-adamw-clip-onecycle", _mlp(_adamw, schedule=_one_cycle),
              lambda: helpers.make_data(40), target=6, max_grad_norm=0.05, vary_target=False),
+    Scenario("gradscaler-clip-adamw", _scaled, lambda: helpers.make_data(40), target=8,
+             max_grad_norm=0.05),
     Scenario("token-all-masked-micro-batches", _masked, _masked_data, target=8, token=True,
              count_items=_mlp_items, vary_target=False),
     Scenario("unused-head-adamw-wd", _unused_head, lambda: helpers.make_data(40), target=8),
