@@ -371,9 +371,9 @@ def run_auto(name: str, var: Variation) -> Observed:
             break
         sc.body(run.setup, slice_batch(data, start, min(n, start + size)), run.step)
         start += size
+        run.between()  # a step boundary's change comes before a checkpoint taken there
         if var.resume_after == call:
             run.resume()
-        run.between()
     run.flush()
     if sc.split_dependent and run.opts[0].oom_events:
         # The loss a call returned was computed at the sizes of its time; a later OOM may have
