@@ -35,6 +35,7 @@ import torch.distributed as dist
 # Columns of the per-step agreement row (FLUSH: the rank entered the step from flush();
 # LAST_READ: the furthest optimizer step whose shares a sampler on that rank has read).
 OK, ITEMS, SECONDS, SAMPLES, FLUSH, LAST_READ = range(6)
+ROW = 6  # columns before the per-parameter "used" flags
 BUCKET_BYTES = 32 * 2**20
 _MESSAGE_BYTES = 1024
 
@@ -71,14 +72,19 @@ def context(group: dist.ProcessGroup | None = None, single: bool = False) -> Con
     return Context(dist.get_rank(group), world, device, group)
 
 
-def agree(ctx: Context, row: Sequence[float | torch.Tensor]) -> torch.Tensor:
-    """All-gather one row of numbers per rank: the one small collective before the reduction.
+def agree(ctx: Context, row: Sequence[float | torch.Tensor],
+          extra: torch.Tensor | None = None) -> torch.Tensor:
+    """All-gather one row of numbers per rank (``row``, then the float64 vector ``extra``): the
+    one small collective before the reduction.
 
-    Returns a float64 ``(world_size, len(row))`` CPU tensor, identical on every rank.
+    Returns a float64 ``(world_size, len(row) + len(extra))`` CPU tensor, identical on every
+    rank.
     """
     local = torch.stack(
         [torch.as_tensor(v, dtype=torch.float64, device=ctx.device).reshape(()) for v in row]
     )
+    if extra is not None and extra.numel():
+        local = torch.cat([local, extra.to(device=ctx.device, dtype=torch.float64)])
     table = torch.empty(ctx.world_size * local.numel(), dtype=torch.float64, device=ctx.device)
     _all_gather(table, local, ctx)
     return table.view(ctx.world_size, -1).cpu()

@@ -784,7 +784,7 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
             if self._gsync.rounds:
                 self._run_rounds()
         self._refresh_trainable()
-        if self._dist is None:  # (across ranks every rank reduces the same tensors)
+        if not self._sharded:  # (FSDP reduces every sharded gradient, zeros included)
             self._fills.unfill()
         samples = step.count
         items = (sum(self._check_call_items(c) for c in step.chunks) if self._token_mode
@@ -793,8 +793,10 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
         table = None
         peak = self.memory.peak_bytes() if self.memory is not None else None
         if self._dist is not None:
+            used = self._used_mask()  # before prepare() fills the missing gradients
             self._gsync.prepare(self._trainable)  # e.g. zeros and the bucket, before agreeing
-            table = self._agree(True, items, samples, flush=flush)
+            table = self._agree(True, items, samples, flush=flush, used=used)
+            self._drop_unused(table)
             self._flushed_by_peer = not flush and bool(table[:, distributed.FLUSH].any())
             total: Any = float(table[:, distributed.ITEMS].sum())
             if total == 0:
@@ -919,14 +921,18 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
 
     # ---------------------------------------------------------------- distributed
     def _agree(
-        self, ok: bool, items: Any, samples: int, message: str | None = None, flush: bool = False
+        self, ok: bool, items: Any, samples: int, message: str | None = None, flush: bool = False,
+        used: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The step's agreement: every rank's status, items, speed and sampler position."""
+        """The step's agreement: every rank's status, items, speed and sampler position, and
+        (replicated and ZeRO-1) which parameters its samples gave a gradient."""
         assert self._dist is not None
         row = [float(ok), items, self._step_seconds, samples, float(flush),
                float(self.share_schedule.last_read)]
+        if used is None and not self._sharded:  # a failing rank's row: as long as the others'
+            used = torch.zeros(len(self._trainable), dtype=torch.float64)
         self._agreed = True
-        table = distributed.agree(self._dist, row)
+        table = distributed.agree(self._dist, row, used)
         failed = [r for r in range(self._dist.world_size) if table[r, distributed.OK] == 0]
         if failed:
             messages = distributed.exchange_messages(self._dist, message)
@@ -937,6 +943,24 @@ class AutoAccumOptimizer(MicroBatchRunner, InnerFacade):
                     f"another rank failed ({details})"
                 )
         return table
+
+    def _used_mask(self) -> torch.Tensor | None:
+        """1 for each trainable parameter this rank's samples gave a gradient (replicated and
+        ZeRO-1; FSDP reduces every shard)."""
+        if self._sharded:
+            return None
+        return torch.tensor([p.grad is not None for p in self._trainable], dtype=torch.float64)
+
+    def _drop_unused(self, table: torch.Tensor) -> None:
+        """A parameter no rank's samples reached ends the step with ``.grad`` None on every rank
+        (as in real DDP with ``find_unused_parameters=True``): optimizers skip it, and the
+        reduction leaves it out, the same on every rank."""
+        if self._sharded:
+            return
+        used = table[:, distributed.ROW:].amax(0).tolist()
+        for p, u in zip(self._trainable, used):
+            if not u:
+                p.grad = None
 
     def _tell_peers(self, exc: BaseException, in_backward: bool = False) -> None:
         """This rank is about to raise before reaching the step's agreement: let the others stop

@@ -286,3 +286,63 @@ def bucket_is_budgeted(rank: int, world: int) -> Any:
         return {"error": str(exc), "forwards": len(forwards),
                 "grads": [p.grad is None for p in params]}
     return {"error": None, "forwards": len(forwards)}
+
+
+class Routed(nn.Module):
+    """Two experts chosen per sample by the sign of its first feature, and a head no sample
+    ever uses: some steps reach only one expert, on one rank or on every rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.unused = nn.Linear(5, 2).double()
+        self.body = nn.Linear(5, 5).double()
+        self.experts = nn.ModuleList(nn.Linear(5, 12).double() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        out = x.new_zeros(x.shape[0], 12)
+        for e, expert in enumerate(self.experts):
+            rows = ((x[:, 0] > 0) == (e == 0)).nonzero().squeeze(1)
+            if rows.numel():
+                out = out.index_add(0, rows, expert(h[rows]))
+        return out
+
+
+def routed_data(n: int) -> dict[str, Any]:
+    """Step 1 (samples 0-7): all positive (expert 1 unused everywhere); step 2: rank 0's
+    positive, rank 1's negative; step 3: mixed."""
+    data = make_data(n)
+    x = data["x"]
+    x[:8, 0] = x[:8, 0].abs() + 0.1
+    x[8:12, 0] = x[8:12, 0].abs() + 0.1
+    x[12:16, 0] = -x[12:16, 0].abs() - 0.1
+    return data
+
+
+def unused_parameters(rank: int, world: int, n: int, target: int, planned: bool,
+                      zero1: bool) -> Any:
+    data = routed_data(n)
+    model = Routed()
+    params = list(model.parameters())
+    if zero1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        inner: Any = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
+                                             lr=1e-2, weight_decay=0.1)
+    else:
+        inner = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    memory = autoaccum.SimulatedDevice(capacity_bytes=2**30) if planned else None
+    opt = autoaccum.AutoAccumOptimizer(inner, target_batch_size=target, memory=memory,
+                                       micro_batch_size=None if planned else 2)
+    loss_fn = mean_loss_fn(model)
+    seen: list[list[bool]] = []
+    (inner.optim if zero1 else inner).register_step_pre_hook(
+        lambda *_: seen.append([p.grad is not None for p in params]))
+    half = target // world
+    for start in range(0, n, target):
+        lo = start + rank * half
+        opt.step(loss_fn, slice_data(data, lo, lo + half))
+    state = (inner.optim if zero1 else inner).state
+    return {"params": [p.detach().clone() for p in params], "grads": seen,
+            "steps": [float(state[p]["step"]) if p in state else 0.0 for p in params]}

@@ -135,3 +135,32 @@ def test_share_changes_land_after_what_many_loader_workers_already_read():
     assert sorted(r0["seen"] + r1["seen"]) == list(range(32 * 30))
     assert r0["steps"] == r1["steps"] == 30
     assert r0["shares"] == r1["shares"] and r0["shares"] != [16, 16]  # shares did move
+
+
+@pytest.mark.parametrize(("planned", "zero1"), [(False, False), (True, False), (True, True)],
+                         ids=["pinned", "probed", "probed-zero1"])
+def test_a_parameter_no_rank_reached_is_left_none_and_not_stepped(planned, zero1):
+    """Issue 28 across ranks: the unused head and, in step 1, the unrouted expert end the step
+    with .grad None on every rank, as in the plain loop (and DDP with find_unused_parameters);
+    an expert only one rank reached is reduced. AdamW's per-parameter step counts match."""
+    n, target = 24, 8
+    results = run_ranks(dist_workers.unused_parameters, 2, n, target, planned, zero1)
+    model = dist_workers.Routed()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    data, seen = dist_workers.routed_data(n), []
+    opt.register_step_pre_hook(lambda *_: seen.append([p.grad is not None for p in params]))
+    for start in range(0, n, target):
+        opt.zero_grad()
+        from tests.helpers import mean_loss_fn, slice_data
+
+        mean_loss_fn(model)(slice_data(data, start, start + target)).backward()
+        opt.step()
+    steps = [float(opt.state[p]["step"]) if p in opt.state else 0.0 for p in params]
+    assert seen[0][0] is False and seen[0][-1] is False and seen[1][-1] is True  # the setup
+    for rank, (status, value) in sorted(results.items()):
+        assert status == "ok", f"rank {rank} failed:\n{value}"
+        if not zero1:  # ZeRO-1's local optimizer sees its partition only
+            assert value["grads"] == seen, rank
+            assert value["steps"] == steps, rank
+        assert_params_close(value["params"], [p.detach() for p in params])
