@@ -346,3 +346,22 @@ def unused_parameters(rank: int, world: int, n: int, target: int, planned: bool,
     state = (inner.optim if zero1 else inner).state
     return {"params": [p.detach().clone() for p in params], "grads": seen,
             "steps": [float(state[p]["step"]) if p in state else 0.0 for p in params]}
+
+
+def foreign_gradients(rank: int, world: int, shares: list[int], n: int, target: int,
+                      calls_per_step: int) -> Any:
+    """Each call is followed by a backward outside opt.step (an attack's, a metric's) that
+    fills every parameter's .grad on this rank only: no rank's step may see it."""
+    data = make_data(n)
+    model = make_model()
+    opt = autoaccum.AutoAccumOptimizer(sgd(model.parameters()), target_batch_size=target,
+                                       shares=shares, micro_batch_size=3)
+    for start in range(0, n, target):
+        lo, hi = rank_slice(shares, rank, start, min(n, start + target))
+        cut = lo + (hi - lo) // calls_per_step if calls_per_step > 1 else hi
+        for a, b in ((lo, cut), (cut, hi)):
+            if b > a:
+                opt.step(mean_loss_fn(model), slice_data(data, a, b))
+                model(data["x"][a:b]).pow(2).sum().mul(rank + 1).backward()
+    opt.flush()
+    return {"params": [p.detach().clone() for p in model.parameters()]}

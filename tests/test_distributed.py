@@ -164,3 +164,12 @@ def test_a_parameter_no_rank_reached_is_left_none_and_not_stepped(planned, zero1
             assert value["grads"] == seen, rank
             assert value["steps"] == steps, rank
         assert_params_close(value["params"], [p.detach() for p in params])
+
+
+@pytest.mark.parametrize("calls_per_step", [1, 2], ids=["between-steps", "mid-step"])
+def test_gradients_written_outside_opt_step_on_one_rank_never_reach_any_step(calls_per_step):
+    """Issue 32 on 2 ranks: each rank's foreign backward (different on each) is discarded, or
+    its step's samples are replayed; the ranks stay exact and in agreement."""
+    n, target = 48, 16
+    results = run_ranks(dist_workers.foreign_gradients, 2, [4, 12], n, target, calls_per_step)
+    check_exact(results, n, target, False)
