@@ -9,7 +9,7 @@ compiled once per call, so the per-micro-batch cost is a few list operations.
 The structure is kept in two forms: a runtime one holding the container classes, and a plain one
 (nested lists of strings, ints and the keys) that a checkpoint holds, that
 ``torch.load(..., weights_only=True)`` accepts, and that names no code: a user type appears in it
-only as a display string, never imported or called (see :mod:`autoaccum.restore`).
+only as a display string, never imported or called (see :mod:`autoaccum.checkpoint`).
 """
 
 from __future__ import annotations
@@ -251,20 +251,15 @@ def _paths(obj: Any, prefix: str) -> list[tuple[str, Any]]:
 def _raise_graph_error(batch: Any) -> None:
     """A batch tensor that is the output of a graph: its micro-batches would share that graph
     (a second backward through it fails) and the held samples would keep it alive."""
-    names = [name for name, leaf in _paths(batch, "batch")
+    found = [(name, leaf.grad_fn) for name, leaf in _paths(batch, "batch")
              if isinstance(leaf, torch.Tensor) and leaf.grad_fn is not None]
     raise ValueError(
-        f"{', '.join(names)} carries an autograd graph (grad_fn "
-        f"{type(_first_graph(batch)).__name__}): its micro-batches would share it, and a second "
+        f"{', '.join(name for name, _ in found)} carries an autograd graph (grad_fn "
+        f"{type(found[0][1]).__name__}): its micro-batches would share it, and a second "
         "backward through it fails. Pass it detached (.detach(), or compute it under "
         "torch.no_grad(), e.g. a teacher's logits); inputs that require grad as leaves (a "
         "gradient penalty's real images) are fine"
     )
-
-
-def _first_graph(batch: Any) -> Any:
-    return next(leaf.grad_fn for _, leaf in _paths(batch, "batch")
-                if isinstance(leaf, torch.Tensor) and leaf.grad_fn is not None)
 
 
 def _raise_shape_error(batch: Any) -> None:

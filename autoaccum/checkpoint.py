@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .batching import (
     CONST,
     DICT,
@@ -356,8 +357,6 @@ def precheck_entry(own: Any, *, target_batch_size: int, device: torch.device) ->
     """Validate an entry before an optimizer exists to load it into (the HF Trainer loads its
     optimizer's state before autoaccum's optimizer is built): everything :func:`parse_entry`
     checks that does not depend on that optimizer's settings."""
-    from . import distributed
-
     ctx = distributed.context()
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     parse_entry(own, target_batch_size=target_batch_size, world=world, rank=rank,

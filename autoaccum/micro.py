@@ -353,11 +353,7 @@ class MicroBatchRunner:
         contributes nothing and training goes on; otherwise it is ``loss_fn``'s mistake."""
         if token and out_mod.no_items(items):
             return loss.detach().to(self._param_device)
-        raise ValueError(
-            "loss_fn returned a loss that does not require grad: is the model's output used, and "
-            "is autograd enabled (no torch.no_grad())? (Only a token-mode micro-batch with "
-            "num_items == 0 may return a constant.)"
-        )
+        raise out_mod.no_graph_error("loss_sum" if token else "loss")
 
     def _set_mode(self, token: bool) -> None:
         if self._token_mode is None:

@@ -87,11 +87,16 @@ def check(output: Output, token: bool) -> None:
     if token:
         check_items(output.items)
     if not loss.requires_grad and not (token and no_items(output.items)):
-        raise ValueError(
-            f"loss_fn returned a {what} that does not require grad: is the model's output used, "
-            "and is autograd enabled (no torch.no_grad())? (Only a token-mode micro-batch with "
-            "num_items == 0 may return a constant.)"
-        )
+        raise no_graph_error(what)
+
+
+def no_graph_error(what: str = "loss") -> ValueError:
+    """``loss_fn``'s loss has no graph, and its micro-batch is not an item-less token one."""
+    return ValueError(
+        f"loss_fn returned a {what} that does not require grad: is the model's output used, and "
+        "is autograd enabled (no torch.no_grad())? (Only a token-mode micro-batch with "
+        "num_items == 0 may return a constant.)"
+    )
 
 
 def no_items(items: Any) -> bool:
